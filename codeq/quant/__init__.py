@@ -1,0 +1,21 @@
+"""CoDeQ weight quantizers and the helpers that attach them to a model."""
+from codeq.quant.parametrize import (
+    FakeQuantParametrization,
+    attach_weight_quantizers,
+    fake_quant_of,
+    quantized_layers,
+    split_param_groups,
+    toggle_quantization,
+)
+from codeq.quant.quantizer import DeadZoneLDZCompander, UniformSymmetric
+
+__all__ = [
+    "DeadZoneLDZCompander",
+    "UniformSymmetric",
+    "FakeQuantParametrization",
+    "attach_weight_quantizers",
+    "fake_quant_of",
+    "quantized_layers",
+    "split_param_groups",
+    "toggle_quantization",
+]

@@ -1,0 +1,99 @@
+"""Attach quantizers to Conv/Linear weights as parametrizations, toggle them, split optimizer groups."""
+from __future__ import annotations
+
+import fnmatch
+import logging
+from typing import Callable, Iterable, Iterator
+
+import torch
+from torch import nn
+from torch.nn.utils import parametrize
+
+log = logging.getLogger(__name__)
+
+QUANTIZABLE = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
+
+
+class FakeQuantParametrization(nn.Module):
+    """Weight parametrization: ``quantizer(W)`` while enabled, the latent ``W`` unchanged otherwise."""
+
+    def __init__(self, quantizer: nn.Module, enabled: bool = True):
+        super().__init__()
+        self.quantizer = quantizer
+        self.enabled = enabled
+
+    def forward(self, weight: torch.Tensor) -> torch.Tensor:
+        return self.quantizer(weight) if self.enabled else weight
+
+
+def _is_excluded(name: str, patterns: Iterable[str]) -> bool:
+    return any(name == p or fnmatch.fnmatchcase(name, p) for p in patterns)
+
+
+def attach_weight_quantizers(
+    model: nn.Module,
+    exclude_layers: Iterable[str] | None,
+    quantizer: Callable[..., nn.Module],
+    quantizer_kwargs: dict | None = None,
+    enabled: bool = True,
+) -> list[str]:
+    """Give every Conv/Linear weight its own ``quantizer(**quantizer_kwargs)``, except excluded modules.
+
+    An entry of ``exclude_layers`` excludes a module when it equals the module's full dotted name
+    or matches it as a glob (``layer3.*``). Entries matching no module are warned about.
+    Returns the names of the quantized modules.
+    """
+    patterns = list(exclude_layers or [])
+    kwargs = dict(quantizer_kwargs or {})
+    names = [name for name, _ in model.named_modules()]
+    for pattern in patterns:
+        if not any(_is_excluded(name, [pattern]) for name in names):
+            log.warning("exclude_layers entry %r matches no module of %s", pattern, type(model).__name__)
+    attached = []
+    for name, module in model.named_modules():
+        if not isinstance(module, QUANTIZABLE) or _is_excluded(name, patterns):
+            continue
+        if parametrize.is_parametrized(module, "weight"):
+            raise ValueError(f"layer {name!r} already has a weight parametrization")
+        parametrize.register_parametrization(module, "weight", FakeQuantParametrization(quantizer(**kwargs), enabled))
+        attached.append(name)
+    log.info("Attached weight quantizers to %d layers: %s", len(attached), ", ".join(attached))
+    return attached
+
+
+def fake_quant_of(module: nn.Module) -> FakeQuantParametrization | None:
+    """The module's weight FakeQuantParametrization, or None when its weight is not quantized."""
+    if not parametrize.is_parametrized(module, "weight"):
+        return None
+    for p in module.parametrizations["weight"]:
+        if isinstance(p, FakeQuantParametrization):
+            return p
+    return None
+
+
+def quantized_layers(model: nn.Module) -> Iterator[tuple[str, nn.Module, FakeQuantParametrization]]:
+    """Yield (name, module, parametrization) for every module whose weight has a quantizer."""
+    for name, module in model.named_modules():
+        fq = fake_quant_of(module)
+        if fq is not None:
+            yield name, module, fq
+
+
+def toggle_quantization(model: nn.Module, enabled: bool) -> None:
+    """Switch every weight quantizer of ``model`` on or off (off gives back the latent weights)."""
+    for _, _, fq in quantized_layers(model):
+        fq.enabled = enabled
+
+
+def split_param_groups(model: nn.Module) -> tuple[list[nn.Parameter], list[nn.Parameter], list[nn.Parameter]]:
+    """Split parameters into (weights, dead-zone logits, bit logits) for three optimizer groups."""
+    weights, dz, bit = [], [], []
+    for name, param in model.named_parameters():
+        leaf = name.rsplit(".", 1)[-1]
+        if leaf == "logit_dz":
+            dz.append(param)
+        elif leaf == "logit_bit":
+            bit.append(param)
+        else:
+            weights.append(param)
+    return weights, dz, bit
