@@ -1,0 +1,185 @@
+"""CoDeQ quantizers against an independent implementation of the paper's equations."""
+import logging
+
+import pytest
+import torch
+from torch import nn
+
+from codeq.models import resnet20
+from codeq.quant import (
+    DeadZoneLDZCompander,
+    FakeQuantParametrization,
+    UniformSymmetric,
+    attach_weight_quantizers,
+    quantized_layers,
+    split_param_groups,
+    toggle_quantization,
+)
+
+
+class _IdentityBackward(torch.autograd.Function):
+    """fn(x) forward, identity backward (to x only)."""
+
+    @staticmethod
+    def forward(ctx, x, fn):
+        return fn(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad, None
+
+
+def reference_deadzone(w, logit_dz, logit_bit, learned_bits=True, fixed_bits=4, max_bits=8):
+    """The paper's equations, written independently of codeq.quant."""
+    absmax = torch.quantile(w.detach().abs().flatten(), 0.99)
+    if learned_bits:
+        b_cont = torch.tanh(logit_bit).abs() * (max_bits - 2) + 2
+        b = _IdentityBackward.apply(b_cont, torch.round)
+    else:
+        b = torch.tensor(float(fixed_bits))
+    q = 2 ** (b - 1) - 1
+    d = 2 * absmax * (1 - torch.tanh(logit_dz).abs())
+    s = (absmax - d / 2) / (q - 0.5) + 1e-8
+    delta = d / 2 - s / 2
+    mag = _IdentityBackward.apply(w.abs() - delta, torch.relu)
+    scaled = _IdentityBackward.apply(torch.sign(w) * mag / s, torch.round)
+    qd = q.detach()
+    w_bar = _IdentityBackward.apply(scaled, lambda t: torch.clamp(t, -qd, qd))
+    return s * w_bar + delta * torch.sign(w_bar)
+
+
+@pytest.mark.parametrize("shape", [(16, 8, 3, 3), (10, 64), (7,)])
+@pytest.mark.parametrize("logit_dz,logit_bit", [(3.0, 3.0), (0.4, 0.4), (1.0, -0.2), (0.05, 0.9)])
+@pytest.mark.parametrize("learned_bits", [True, False])
+def test_deadzone_matches_reference_values_and_gradients(shape, logit_dz, logit_bit, learned_bits):
+    torch.manual_seed(0)
+    w0 = torch.randn(shape)
+    quant = DeadZoneLDZCompander(init_deadzone_logit=logit_dz, init_bit_logit=logit_bit, learnable_bit=learned_bits)
+    w = w0.clone().requires_grad_()
+    out = quant(w)
+    upstream = torch.randn(shape)
+    (out * upstream).sum().backward()
+
+    w_ref = w0.clone().requires_grad_()
+    dz_ref = torch.tensor(logit_dz, requires_grad=True)
+    bit_ref = torch.tensor(logit_bit, requires_grad=True)
+    ref = reference_deadzone(w_ref, dz_ref, bit_ref, learned_bits=learned_bits)
+    (ref * upstream).sum().backward()
+
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(w.grad, w_ref.grad, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(quant.logit_dz.grad, dz_ref.grad, rtol=1e-3, atol=1e-5)
+    if learned_bits:
+        torch.testing.assert_close(quant.logit_bit.grad, bit_ref.grad, rtol=1e-3, atol=1e-5)
+    else:
+        assert quant.logit_bit.grad is None
+
+
+@pytest.mark.parametrize("logit_dz", [3.0, 1.0, 0.3, 0.0])
+@pytest.mark.parametrize("logit_bit", [3.0, 0.4, 0.0])
+def test_dead_zone_is_magnitude_pruning_with_few_levels(logit_dz, logit_bit):
+    torch.manual_seed(1)
+    w = torch.randn(32, 16, 3, 3)
+    quant = DeadZoneLDZCompander(init_deadzone_logit=logit_dz, init_bit_logit=logit_bit)
+    with torch.no_grad():
+        out = quant(w)
+        d = quant.get_deadzone_width(w)
+        b = int(quant.get_bitwidth())
+    assert torch.all(out[w.abs() <= d / 2] == 0)
+    assert len(out[out != 0].abs().unique()) <= 2 ** (b - 1) - 1
+
+
+def test_bitwidth_is_integral_and_in_range():
+    for logit in torch.linspace(-4, 4, 41):
+        b = DeadZoneLDZCompander(init_bit_logit=float(logit), max_bits=8).get_bitwidth()
+        assert b.device.type == "cpu"
+        assert b == torch.round(b) and 2 <= b <= 8
+    assert DeadZoneLDZCompander(init_bit_logit=0.4).get_bitwidth() == 4  # tanh(0.4)*6+2 = 4.28
+    assert DeadZoneLDZCompander(learnable_bit=False, fixed_bit_val=3).get_bitwidth() == 3
+
+
+def test_deadzone_width_by_hand():
+    """absmax = 0.99-quantile of |w| = 99.01 for w = 1..100; d = 2·absmax·(1 − tanh θ)."""
+    w = torch.arange(1.0, 101.0)
+    quant = DeadZoneLDZCompander(init_deadzone_logit=0.5)
+    expected = 2 * 99.01 * (1 - torch.tanh(torch.tensor(0.5)))
+    torch.testing.assert_close(quant.get_deadzone_width(w), expected)
+
+
+def test_fully_pruned_layer_stays_finite():
+    quant = DeadZoneLDZCompander(init_deadzone_logit=0.0)  # d = 2·absmax: everything in the dead zone
+    w = torch.randn(8, 8, requires_grad=True)
+    out = quant(w)
+    out.sum().backward()
+    assert torch.isfinite(out).all() and torch.isfinite(w.grad).all()
+
+
+def test_uniform_symmetric_by_hand():
+    """2 bits: Q = 1, s = max|w| = 2; w/s = [-1, -0.2, 0.3, 1] rounds to [-1, 0, 0, 1]."""
+    w = torch.tensor([-2.0, -0.4, 0.6, 2.0], requires_grad=True)
+    quant = UniformSymmetric(bitwidth=2)
+    out = quant(w)
+    torch.testing.assert_close(out, torch.tensor([-2.0, 0.0, 0.0, 2.0]))
+    out.sum().backward()
+    torch.testing.assert_close(w.grad, torch.ones(4))
+    assert quant.get_bitwidth() == 2
+    assert len(UniformSymmetric(8)(torch.randn(1000)).unique()) <= 255
+
+
+def test_paper_exclusion_list_quantizes_the_18_block_convs(caplog):
+    model = resnet20()
+    with caplog.at_level(logging.WARNING):
+        names = attach_weight_quantizers(model, ["conv1", "bn", "linear"], DeadZoneLDZCompander, {})
+    assert len(names) == 18
+    assert all(n.startswith(("layer1.", "layer2.", "layer3.")) for n in names)
+    assert "layer1.0.conv1" in names and "conv1" not in names and "linear" not in names
+    assert "'bn' matches no module" in caplog.text
+
+
+def test_glob_exclusion_and_unmatched_warning(caplog):
+    model = resnet20()
+    with caplog.at_level(logging.WARNING):
+        names = attach_weight_quantizers(model, ["layer3.*", "nothing_here"], DeadZoneLDZCompander, {})
+    assert not any(n.startswith("layer3.") for n in names)
+    assert "conv1" in names and "linear" in names and len(names) == 1 + 12 + 1
+    assert "'nothing_here' matches no module" in caplog.text
+
+
+def test_only_conv_and_linear_get_quantizers():
+    model = nn.Sequential(nn.Conv2d(1, 2, 3), nn.BatchNorm2d(2), nn.Flatten(), nn.Linear(2, 3))
+    assert attach_weight_quantizers(model, [], UniformSymmetric, {"bitwidth": 4}) == ["0", "3"]
+    assert not hasattr(model[1], "parametrizations")
+
+
+def test_toggle_gives_back_latent_weight_exactly():
+    model = resnet20()
+    latent = model.layer1[0].conv1.weight.detach().clone()
+    attach_weight_quantizers(model, ["conv1", "linear"], DeadZoneLDZCompander, {"init_bit_logit": 0.2})
+    conv = model.layer1[0].conv1
+    assert not torch.equal(conv.weight, latent)
+    toggle_quantization(model, False)
+    assert torch.equal(conv.weight, latent)
+    assert all(not fq.enabled for _, _, fq in quantized_layers(model))
+    toggle_quantization(model, True)
+    assert not torch.equal(conv.weight, latent)
+
+
+def test_parameter_groups():
+    model = resnet20()
+    attach_weight_quantizers(model, ["conv1", "linear"], DeadZoneLDZCompander, {}, enabled=False)
+    weights, dz, bit = split_param_groups(model)
+    assert len(dz) == len(bit) == 18
+    assert sum(p.numel() for p in weights) == 269_722
+    assert isinstance(model.layer2[0].conv2.parametrizations.weight[0], FakeQuantParametrization)
+
+
+def test_model_trains_through_quantizers():
+    torch.manual_seed(0)
+    model = resnet20()
+    attach_weight_quantizers(model, ["conv1", "linear"], DeadZoneLDZCompander, {})
+    loss = nn.functional.cross_entropy(model(torch.randn(4, 3, 32, 32)), torch.tensor([0, 1, 2, 3]))
+    loss.backward()
+    conv = model.layer1[0].conv1
+    assert conv.parametrizations.weight.original.grad is not None
+    assert conv.parametrizations.weight[0].quantizer.logit_dz.grad is not None
+    assert conv.parametrizations.weight[0].quantizer.logit_bit.grad is not None
