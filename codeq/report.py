@@ -462,12 +462,13 @@ def build_parser() -> argparse.ArgumentParser:
             "Summarise codeq runs: every dir below DIR holding metrics.jsonl or .hydra/config.yaml is "
             "a run (a single run dir, a sweep dir, or a folder of sweeps). Prints one row per run "
             "(the overrides that differ between runs, final/best accuracy, unstructured sparsity, mean "
-            "bits, structured and unstructured Rel. BOPs %% and ratio, epochs done/planned, status) and "
-            "writes report.csv, report.md and report.png (accuracy vs Rel. BOPs %%, Pareto fronts)."
+            "bits, structured and unstructured Rel. BOPs % and ratio, epochs done/planned, status) and "
+            "writes report.csv, report.md and report.png (accuracy vs Rel. BOPs %, Pareto fronts)."
         ),
         epilog=(
             "Unreadable runs and dirs without runs are reported in one line each on stderr; the other "
-            "runs still report. Exit status: 0 when at least one run was reported, 1 when none was found."
+            "runs still report. Exit status: 0 when at least one run was reported; 1 when none was found "
+            "or the report files could not be written."
         ),
     )
     parser.add_argument("dirs", nargs="+", type=Path, metavar="DIR",

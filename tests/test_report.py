@@ -290,3 +290,4 @@ def test_cli_help_explains_usage():
     result = run_cli("--help")
     assert result.returncode == 0
     assert "--paper" in result.stdout and "--out" in result.stdout and "Pareto" in result.stdout
+    assert "Rel. BOPs % and ratio" in result.stdout
