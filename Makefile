@@ -16,7 +16,6 @@ install: $(STAMP)  ## create ./.venv and install codeq editable with [dev,sweep]
 
 $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q torch==2.14.1 torchvision==0.29.1 || $(PY) -m pip install -q "torch<=2.14.1" "torchvision<=0.29.1"
 	$(PY) -m pip install -q -e '.[dev,sweep]'
 	@if [ ! -d $(FMNIST) ] && [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
