@@ -1,0 +1,121 @@
+"""Structured sparsity losses: ``model -> scalar tensor`` on the model's device.
+
+Each loss reads ``module.weight`` of every Conv (and, with ``include_linear``, Linear) layer. With
+quantizers attached that is the effective (quantized) weight, so gradients reach the latent weights
+and the dead-zone logits; evaluate the loss inside ``torch.nn.utils.parametrize.cached()`` together
+with the forward pass and the quantizers run once per step instead of twice.
+
+Every loss is vectorised per layer (no Python loop over channels or blocks) and has a finite
+subgradient, 0, at an all-zero group: dead channels are what these losses are for.
+"""
+from __future__ import annotations
+
+from typing import Callable, Iterator
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from codeq.errors import ConfigError
+
+SparsityLoss = Callable[[nn.Module], torch.Tensor]
+
+PENALISED_CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+
+
+def _check_include_linear(include_linear: object) -> None:
+    if not isinstance(include_linear, bool):
+        raise ConfigError(f"sparsity.include_linear must be true or false, got {include_linear!r}")
+
+
+def _penalised_weights(model: nn.Module, include_linear: bool) -> Iterator[torch.Tensor]:
+    """The weight of every Conv layer (output channels first), plus every Linear when asked."""
+    kinds = PENALISED_CONVS + (nn.Linear,) if include_linear else PENALISED_CONVS
+    for module in model.modules():
+        if isinstance(module, kinds):
+            yield module.weight
+
+
+def _device_of(model: nn.Module) -> torch.device:
+    for tensor in model.parameters():
+        return tensor.device
+    for tensor in model.buffers():
+        return tensor.device
+    return torch.device("cpu")
+
+
+def _total(model: nn.Module, terms: list[torch.Tensor]) -> torch.Tensor:
+    """Sum of the per-layer terms; a zero scalar on the model's device when there are none."""
+    if not terms:
+        return torch.zeros((), device=_device_of(model))
+    return torch.stack(terms).sum()
+
+
+def row_l2_norms(rows: torch.Tensor) -> torch.Tensor:
+    """‖row‖₂ for each row of a 2-D tensor, with gradient 0 (not NaN) at an all-zero row.
+
+    sqrt(Σx²) has an infinite derivative at 0; the double ``where`` keeps it out of the graph there.
+    """
+    squares = rows.square().sum(dim=1)
+    nonzero = squares > 0
+    return torch.where(nonzero, torch.where(nonzero, squares, 1.0).sqrt(), 0.0)
+
+
+def no_sparsity(model: nn.Module) -> torch.Tensor:
+    """No sparsity loss: a zero scalar on the model's device."""
+    return torch.zeros((), device=_device_of(model))
+
+
+def group_lasso_channels(model: nn.Module, include_linear: bool = False) -> torch.Tensor:
+    """Group lasso on output channels: Σ_layers Σ_c ‖W[c, ...]‖₂ (L1 of the L2 filter norms).
+
+    Drives whole output filters to zero (channel pruning); with ``include_linear`` also Linear rows.
+    """
+    _check_include_linear(include_linear)
+    terms = [row_l2_norms(w.flatten(1)).sum() for w in _penalised_weights(model, include_linear)]
+    return _total(model, terms)
+
+
+def _channel_blocks(weight: torch.Tensor, block_size: int) -> torch.Tensor:
+    """One row per block of ``block_size`` consecutive output channels.
+
+    The channels are zero-padded to a multiple of ``block_size``, so a last partial block is its
+    own block and its norm is that of its real channels.
+    """
+    rows = weight.flatten(1)
+    missing = -rows.shape[0] % block_size
+    if missing:
+        rows = F.pad(rows, (0, 0, 0, missing))
+    return rows.reshape(-1, block_size * rows.shape[1])
+
+
+def group_lasso_blocks(block_size: int = 4, include_linear: bool = False) -> SparsityLoss:
+    """Factory: group lasso on blocks of consecutive output channels, Σ_layers Σ_b ‖W[b·B:(b+1)·B]‖₂.
+
+    Args:
+        block_size: B, output channels per block (an integer >= 1; 1 is ``group_lasso_channels``).
+        include_linear: also penalise blocks of Linear rows.
+    """
+    if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 1:
+        raise ConfigError(f"sparsity.block_size must be an integer >= 1, got {block_size!r}")
+    _check_include_linear(include_linear)
+
+    def loss(model: nn.Module) -> torch.Tensor:
+        terms = [
+            row_l2_norms(_channel_blocks(w, block_size)).sum()
+            for w in _penalised_weights(model, include_linear)
+        ]
+        return _total(model, terms)
+
+    return loss
+
+
+def l1_kernel_sparsity(model: nn.Module, include_linear: bool = False) -> torch.Tensor:
+    """Sum of the L1 norms of the individual kernels: Σ_{o,i} ‖W[o, i, ...]‖₁ = Σ|W|.
+
+    The finest granularity: per-kernel L1 norms add up to the elementwise L1 of the weight, so this
+    is plain L1 on Conv weights (and on Linear weights, whose kernels are single entries, when asked).
+    """
+    _check_include_linear(include_linear)
+    terms = [w.abs().sum() for w in _penalised_weights(model, include_linear)]
+    return _total(model, terms)
