@@ -1,0 +1,260 @@
+"""`python -m codeq.main [group=option ...] [key=value ...]`: the experiment CLI, the only Hydra-aware module.
+
+It validates and seeds, instantiates every config group, builds the Evaluator on the dense model,
+attaches the quantizers, builds the optimizer, and hands plain objects to codeq.trainer. Bad input
+ends the job with one line naming the key (exit 2); a failed job leaves failed.json in its run dir.
+"""
+from __future__ import annotations
+
+import logging
+import random
+import sys
+from pathlib import Path
+from typing import Any, NoReturn
+
+import hydra
+import numpy as np
+import torch
+from hydra.core.hydra_config import HydraConfig
+from hydra.errors import CompactHydraException, InstantiationException
+from hydra.types import RunMode
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+from torch import nn
+
+from codeq.checkpoint import CHECKPOINT_FILE, load_checkpoint
+from codeq.errors import ConfigError
+from codeq.evaluator import Evaluator
+from codeq.loggers import Logger
+from codeq.quant import attach_weight_quantizers, quantized_layers
+from codeq.rundir import RunFiles
+from codeq.trainer import (
+    Trainer,
+    TrainerConfig,
+    TrainingDiverged,
+    TrainingInterrupted,
+    compression_figures,
+    resolve_device,
+)
+
+log = logging.getLogger("codeq.main")
+
+# An absolute path: Hydra resolves a relative one against the *module* codeq.main under `python -m`,
+# where "../conf" would name a package that does not exist. conf/ lives beside the codeq package.
+CONF_DIR = str(Path(__file__).resolve().parents[1] / "conf")
+EXIT_BAD_INPUT = 2
+EXIT_FAILED = 1
+
+
+class JobFailed(CompactHydraException):
+    """A multirun job's one-line failure: Hydra records it, runs the other jobs, then prints the line."""
+
+
+def instantiate_group(cfg: DictConfig, group: str, drop: tuple[str, ...] = (), **kwargs: Any) -> Any:
+    """``hydra.utils.instantiate(cfg[group])`` without the keys in ``drop``; bad values -> ConfigError."""
+    node = OmegaConf.to_container(cfg[group], resolve=True)
+    for key in drop:
+        node.pop(key, None)
+    try:
+        return hydra.utils.instantiate(node, **kwargs)
+    except InstantiationException as exc:
+        cause = exc.__cause__
+        if isinstance(cause, ConfigError):
+            raise cause from None
+        if isinstance(cause, (ValueError, TypeError)):
+            raise bad_value(cfg, group, cause) from None
+        if isinstance(cause, ImportError) or cause is None:
+            raise ConfigError(f"{group}._target_: cannot import {node.get('_target_')!r}") from None
+        raise
+
+
+def bad_value(cfg: DictConfig, group: str, exc: Exception) -> ConfigError:
+    """A ConfigError for a ValueError/TypeError raised while building ``group``.
+
+    When the message starts with one of the group's keys it becomes ``group.key …``, else ``group: …``.
+    """
+    message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    first_word = message.split(" ", 1)[0].strip("'\":,")
+    if isinstance(cfg.get(group), DictConfig) and first_word in cfg[group]:
+        return ConfigError(f"{group}.{message}")
+    return ConfigError(f"{group}: {message}")
+
+
+def seed_everything(seed: Any) -> None:
+    """Seed python, numpy and torch (model init); the data order is seeded by the dataset itself."""
+    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+        raise ConfigError(f"seed must be an integer >= 0, got {seed!r}")
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def attach_quantizers(cfg: DictConfig, model: nn.Module) -> list[str]:
+    """Attach the configured weight quantizer to every Conv/Linear not excluded; quantizer=none attaches nothing."""
+    exclude = cfg.quantizer.get("exclude_layers") or []
+    if cfg.quantizer.get("_target_") is None:
+        return []
+    factory = instantiate_group(cfg, "quantizer", drop=("exclude_layers",))
+    try:
+        return attach_weight_quantizers(model, exclude_layers=list(exclude), quantizer=factory)
+    except (ValueError, TypeError) as exc:
+        raise bad_value(cfg, "quantizer", exc) from None
+
+
+def sparsity_layer_of(model: nn.Module, requested: str | None) -> str:
+    """trainer.sparsity_layer, checked; by default the first quantized conv (else the first conv)."""
+    convs = [name for name, module in model.named_modules() if isinstance(module, nn.Conv2d)]
+    quantized = [name for name, module, _ in quantized_layers(model) if isinstance(module, nn.Conv2d)]
+    layer = requested if requested is not None else (quantized or convs or [None])[0]
+    if layer not in convs:
+        raise ConfigError(f"trainer.sparsity_layer={requested!r} is not a conv layer; allowed: {', '.join(convs)}")
+    return layer
+
+
+def sparsity_of(cfg: DictConfig) -> tuple[Any, float]:
+    """(loss fn or None, λ). λ = 0 means no sparsity term at all: nothing is computed for it."""
+    weight = cfg.sparsity.get("weight", 0.0)
+    if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not 0 <= weight < float("inf"):
+        raise ConfigError(f"sparsity.weight must be a finite number >= 0, got {weight!r}")
+    if weight == 0:
+        return None, 0.0
+    return instantiate_group(cfg, "sparsity", drop=("weight",)), float(weight)
+
+
+def wandb_naming(cfg: DictConfig, hydra_cfg: DictConfig) -> dict[str, str | None]:
+    """W&B name from the job's overrides; group (the sweep dir) and job_type (cfg.name) for multirun jobs."""
+    name = hydra_cfg.job.override_dirname or cfg.name
+    if hydra_cfg.mode == RunMode.MULTIRUN:
+        return {"name": name, "group": Path(hydra_cfg.sweep.dir).as_posix(), "job_type": cfg.name}
+    return {"name": name, "group": None, "job_type": None}
+
+
+def build(cfg: DictConfig, run_dir: Path) -> tuple[Trainer, dict[str, Any] | None]:
+    """Every object of the run, in order; the trainer is restored from last.pt when resuming."""
+    trainer_cfg: TrainerConfig = instantiate_group(cfg, "trainer")
+    device = resolve_device(trainer_cfg.device)
+    checkpoint = None
+    if trainer_cfg.resume:
+        path = run_dir / CHECKPOINT_FILE
+        if path.exists():
+            checkpoint = load_checkpoint(path)
+        else:
+            log.warning("trainer.resume=true but %s does not exist: starting from epoch 0", path)
+    seed_everything(cfg.seed)
+    sparsity_fn, sparsity_weight = sparsity_of(cfg)
+    schedule = instantiate_group(cfg, "schedule")
+    data = instantiate_group(cfg, "dataset", device=device)
+
+    model = instantiate_group(cfg, "model")
+    evaluator = Evaluator(model, input_size=tuple(data.input_size))  # the dense 32-bit baseline
+    attach_quantizers(cfg, model)
+    sparsity_layer = sparsity_layer_of(model, trainer_cfg.sparsity_layer)
+    model.to(device)
+    if trainer_cfg.channels_last:
+        model.to(memory_format=torch.channels_last)
+    optimizer = instantiate_group(cfg, "optimizer")(model)
+    lr_scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=trainer_cfg.epochs)
+
+    trainer = Trainer(
+        trainer_cfg, model=model, data=data, optimizer=optimizer, lr_scheduler=lr_scheduler,
+        evaluator=evaluator, schedule=schedule, sparsity_fn=sparsity_fn, sparsity_weight=sparsity_weight,
+        figure_fn=lambda m, result: compression_figures(m, result, sparsity_layer),
+        files=RunFiles(run_dir, epochs=trainer_cfg.epochs), device=device,
+    )
+    if checkpoint is not None:
+        trainer.load_state_dict(checkpoint)
+    log.info("Run dir %s | device %s | %s on %s (%d train / %d test images)", run_dir, device,
+             type(model).__name__, cfg.dataset.get("name", "?"), data.num_train, data.num_test)
+    return trainer, checkpoint
+
+
+def build_logger(cfg: DictConfig, run_dir: Path, hydra_cfg: DictConfig, run_id: str | None) -> Logger:
+    """The configured logger with the run's identity (resolved config, names, the W&B id to resume)."""
+    factory = instantiate_group(cfg, "logger")
+    config = OmegaConf.to_container(cfg, resolve=True)
+    return factory(run_dir=run_dir, config=config, run_id=run_id, **wandb_naming(cfg, hydra_cfg))
+
+
+def final_table(summary: dict[str, Any], run_dir: Path) -> str:
+    """The end-of-run table: accuracy, sparsity, bits, structured/unstructured ratio and Rel. BOPs %, files."""
+    final = summary["final"]
+    figures = sorted(p.name for p in run_dir.glob("*.png"))
+    lines = [
+        f"Final (epoch {final['epoch'] + 1} of {summary['epochs']}; best accuracy "
+        f"{summary['best_accuracy']:.4f} at epoch {summary['best_epoch'] + 1})",
+        f"  accuracy               {final['eval/accuracy']:.4f}",
+        f"  unstructured sparsity  {final['sparsity/unstructured']:.4f}",
+        f"  mean bits              {final['bits/mean']:.2f}",
+        "                         ratio     Rel. BOPs %",
+    ]
+    for kind in ("structured", "unstructured"):
+        ratio = final[f"compression/{kind}_bops_ratio"]
+        pct = final[f"compression/{kind}_rel_bops_pct"]
+        lines.append(f"  {kind:<21}{ratio:>8.2f}x  {pct:>10.3f}")
+    lines.append(f"Files:   {run_dir}/ (metrics.jsonl, summary.json, last.pt, main.log)")
+    lines.append(f"Figures: {', '.join(figures) if figures else 'none'}")
+    return "\n".join(lines)
+
+
+def one_line(exc: BaseException) -> str:
+    """An exception's message on one line."""
+    text = " ".join(str(exc).split())
+    return text or type(exc).__name__
+
+
+def stop(code: int, message: str) -> NoReturn:
+    """End the job with ``message``: one stderr line and ``code``; in a sweep, fail only this job."""
+    log.error(message)
+    if code in (EXIT_BAD_INPUT, EXIT_FAILED) and HydraConfig.get().mode == RunMode.MULTIRUN:
+        raise JobFailed(f"error: {message}") from None
+    sys.stdout.flush()
+    sys.stderr.write(f"error: {message}\n")
+    sys.stderr.flush()
+    sys.exit(code)
+
+
+@hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="config")
+def main(cfg: DictConfig) -> float | None:
+    """One job: build, train, print the final table; every ending leaves the run dir consistent."""
+    hydra_cfg = HydraConfig.get()
+    run_dir = Path(hydra_cfg.runtime.output_dir)
+    files = RunFiles(run_dir, epochs=OmegaConf.select(cfg, "trainer.epochs", default=None))
+    logger: Logger | None = None
+    status = "failed"
+    try:
+        trainer, checkpoint = build(cfg, run_dir)
+        files = trainer.files
+        logger = build_logger(cfg, run_dir, hydra_cfg, checkpoint["wandb_run_id"] if checkpoint else None)
+        summary = trainer.fit(logger)
+        status = "completed"
+        print(final_table(summary, run_dir), flush=True)
+        return summary["best_accuracy"]
+    except TrainingInterrupted as exc:
+        status = "interrupted"
+        files.write_summary(status, one_line(exc))
+        stop(128 + exc.signum, one_line(exc))
+    except KeyboardInterrupt:
+        status = "interrupted"
+        message = f"aborted by the user; the last checkpoint (if any) is {run_dir / CHECKPOINT_FILE}"
+        files.write_summary(status, message)
+        stop(130, message)
+    except TrainingDiverged as exc:
+        status = "diverged"
+        files.write_summary(status, one_line(exc))
+        files.write_failed(one_line(exc), type(exc).__name__)
+        stop(EXIT_FAILED, one_line(exc))
+    except (ConfigError, OmegaConfBaseException) as exc:
+        files.write_summary(status, one_line(exc))
+        files.write_failed(one_line(exc), type(exc).__name__)
+        stop(EXIT_BAD_INPUT, one_line(exc))
+    except Exception as exc:
+        files.write_summary(status, one_line(exc))
+        files.write_failed(one_line(exc), type(exc).__name__)
+        raise
+    finally:
+        if logger is not None:
+            logger.finish(status)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,129 @@
+"""The run dir's plain files (notes/RUNDIR.md): metrics.jsonl, summary.json, failed.json, figures.
+
+They are written whatever logger is chosen and are the source of truth for tests, resume and the report.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+METRICS_FILE = "metrics.jsonl"
+SUMMARY_FILE = "summary.json"
+FAILED_FILE = "failed.json"
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` so a reader sees the old file or the new one, never half of one.
+
+    temp file in the same dir -> fsync -> rename over ``path`` -> fsync the dir.
+    """
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    fsync_dir(path.parent)
+
+
+def fsync_dir(directory: Path) -> None:
+    """Make a rename inside ``directory`` durable (a no-op where directories cannot be opened)."""
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def read_metrics(path: Path) -> list[dict[str, Any]]:
+    """The complete rows of a metrics.jsonl file; a half-written (unparsable) last line is dropped."""
+    path = Path(path)
+    if not path.exists():
+        return []
+    lines = path.read_text().splitlines()
+    rows = []
+    for number, line in enumerate(lines):
+        if not line.strip():
+            continue
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            if number == len(lines) - 1:
+                log.warning("dropping a half-written last line of %s", path)
+                continue
+            raise
+    return rows
+
+
+class RunFiles:
+    """Writes one run's metrics.jsonl (append + flush + fsync per epoch), summary.json and failed.json.
+
+    Rows already in the dir are read at once, so a job failing before it trains (a typo on resume)
+    still reports them in its summary instead of clobbering them.
+    """
+
+    def __init__(self, run_dir: Path, epochs: int | None = None):
+        self.run_dir = Path(run_dir)
+        self.epochs = epochs
+        self.metrics_path = self.run_dir / METRICS_FILE
+        self.summary_path = self.run_dir / SUMMARY_FILE
+        self.failed_path = self.run_dir / FAILED_FILE
+        self.rows: list[dict[str, Any]] = read_metrics(self.metrics_path)
+
+    def start(self, completed_epochs: int) -> None:
+        """Keep the rows of epochs ``< completed_epochs`` (what the checkpoint holds), drop the rest.
+
+        Rows beyond the checkpoint (killed between metrics and checkpoint) are replayed by the resumed
+        run, so every epoch ends up in metrics.jsonl exactly once. A stale failed.json is removed.
+        """
+        self.rows = [row for row in read_metrics(self.metrics_path) if row["epoch"] < completed_epochs]
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        text = "".join(json.dumps(row) + "\n" for row in self.rows)
+        atomic_write_bytes(self.metrics_path, text.encode())
+        if self.failed_path.exists():
+            self.failed_path.unlink()
+
+    def append(self, row: dict[str, Any]) -> None:
+        """Append one epoch's row and make it durable before anything else about the epoch is written."""
+        with open(self.metrics_path, "a") as f:
+            f.write(json.dumps(row) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+        self.rows.append(row)
+
+    def write_summary(self, status: str, error: str | None = None) -> dict[str, Any]:
+        """Rewrite summary.json atomically from the rows written so far."""
+        best = max(self.rows, key=lambda r: r["eval/accuracy"], default=None)
+        summary: dict[str, Any] = {
+            "status": status,
+            "epochs": self.epochs,
+            "epochs_completed": len(self.rows),
+            "best_accuracy": best["eval/accuracy"] if best else None,
+            "best_epoch": best["epoch"] if best else None,
+            "final": self.rows[-1] if self.rows else {},
+        }
+        if error is not None:
+            summary["error"] = error
+        atomic_write_bytes(self.summary_path, (json.dumps(summary, indent=2) + "\n").encode())
+        return summary
+
+    def write_failed(self, error: str, error_type: str) -> None:
+        """Record why the job failed: {"error", "type", "epoch": last completed epoch or null}."""
+        epoch = self.rows[-1]["epoch"] if self.rows else None
+        record = {"error": error, "type": error_type, "epoch": epoch}
+        atomic_write_bytes(self.failed_path, (json.dumps(record, indent=2) + "\n").encode())
+
+    def last_completed_epoch(self) -> int | None:
+        """The epoch of the last row written, or None before the first epoch ends."""
+        return self.rows[-1]["epoch"] if self.rows else None
