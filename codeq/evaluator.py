@@ -115,7 +115,8 @@ def plot_channel_liveness(source: EvalResult | ModelStats) -> Figure:
 def _sparsity_grid(weight: torch.Tensor) -> np.ndarray:
     """Kernels as cells of a (c_out, c_in) grid, 1 = non-zero, 0 = zero, 0.5 = one-pixel separators."""
     c_out, c_in = weight.shape[:2]
-    kernels = weight.reshape(c_out, c_in, -1, weight.shape[-1]) if weight.dim() > 2 else weight.reshape(c_out, c_in, 1, 1)
+    last = weight.shape[-1] if weight.dim() > 2 else 1
+    kernels = weight.reshape(c_out, c_in, -1, last)
     k_h, k_w = kernels.shape[2:]
     cells = F.pad(kernels.ne(0).float(), (1, 0, 1, 0), value=0.5)
     grid = cells.permute(0, 2, 1, 3).reshape(c_out * (k_h + 1), c_in * (k_w + 1))
@@ -153,7 +154,8 @@ def plot_layer_sparsity_bars(result: EvalResult) -> Figure:
 
     fig = _figure(max(8.0, len(layers) * 0.6), 5.0)
     ax = fig.subplots()
-    ax.bar(x - width / 2, [layer.pruning_ratio for layer in layers], width, label="Structured (channel)", color="steelblue")
+    ax.bar(x - width / 2, [layer.pruning_ratio for layer in layers], width,
+           label="Structured (channel)", color="steelblue")
     ax.bar(x + width / 2, [unstructured[layer.name].pruning_ratio for layer in layers], width,
            label="Unstructured (weight)", color="coral")
     ax.set_ylabel("Pruning ratio")

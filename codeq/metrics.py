@@ -23,7 +23,7 @@ import numbers
 import operator
 import weakref
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Iterator
+from typing import Any, Callable, Iterable, Iterator
 
 import torch
 import torch.fx as fx
@@ -173,7 +173,9 @@ def _null_output_mask(weight: torch.Tensor, null_in: torch.Tensor, bias: torch.T
     return ~live_out
 
 
-def _effective_macs(weight: torch.Tensor, null_in: torch.Tensor, null_out: torch.Tensor, positions: int) -> torch.Tensor:
+def _effective_macs(
+    weight: torch.Tensor, null_in: torch.Tensor, null_out: torch.Tensor, positions: int
+) -> torch.Tensor:
     """Σ_groups (c_in − null_in)(c_out − null_out) · k · positions, as a 0-d tensor."""
     groups = _groups(weight, null_in.numel())
     live_in = (~null_in).view(groups, -1).sum(1)
@@ -248,7 +250,9 @@ class _RecordingInterpreter(fx.Interpreter):
 
     def run_node(self, n: fx.Node) -> Any:
         result = super().run_node(n)
-        self.outputs[n.name] = tree_map(lambda v: _TensorMeta(v.shape, v.dtype) if isinstance(v, torch.Tensor) else v, result)
+        self.outputs[n.name] = tree_map(
+            lambda v: _TensorMeta(v.shape, v.dtype) if isinstance(v, torch.Tensor) else v, result
+        )
         return result
 
 
@@ -352,38 +356,44 @@ def _existing(owner: Any, names: Iterable[str]) -> list[Any]:
     return [getattr(owner, n) for n in names if hasattr(owner, n)]
 
 
-_POOL_NAMES = [f"{kind}{d}d" for kind in ("max_pool", "avg_pool", "adaptive_avg_pool", "adaptive_max_pool") for d in (1, 2, 3)]
-# Applied to the live indicator itself: they move, copy, pad, pool or sum values and map positive to positive.
-_PASS_FUNCTIONS = set(
-    _existing(F, ["relu", "relu6", "leaky_relu", "elu", "selu", "celu", "gelu", "silu", "mish", "hardswish",
-                  "hardtanh", "tanh", "sigmoid", "softplus", "pad", "interpolate", "pixel_shuffle",
-                  "pixel_unshuffle", *_POOL_NAMES])
-    + _existing(torch, ["relu", "tanh", "sigmoid", "flatten", "cat", "concat", "concatenate", "stack", "reshape",
-                        "permute", "transpose", "squeeze", "unsqueeze", "chunk", "split", "unbind", "narrow",
-                        "flip", "roll", "mean", "sum", "clone", "max_pool1d", "max_pool2d", "avg_pool1d",
-                        "adaptive_avg_pool1d", "adaptive_max_pool1d"])
-    + _existing(torch._C._nn, ["pad"])
-    + [operator.getitem, builtins.getattr]
-)
-# Pass the first argument's indicator through unchanged.
-_IDENTITY_FUNCTIONS = set(
-    _existing(F, ["dropout", "dropout1d", "dropout2d", "dropout3d", "alpha_dropout", "feature_alpha_dropout",
-                  "batch_norm", "instance_norm"])
-)
-_SUM_FUNCTIONS = {operator.add, operator.iadd, operator.sub, operator.isub, torch.add, torch.sub}
-_PRODUCT_FUNCTIONS = {operator.mul, operator.imul, operator.matmul, torch.mul, torch.matmul, torch.bmm, torch.mm}
-_DIV_FUNCTIONS = {operator.truediv, operator.itruediv, torch.div, torch.true_divide}
+_POOL_NAMES = [
+    f"{kind}{d}d" for kind in ("max_pool", "avg_pool", "adaptive_avg_pool", "adaptive_max_pool") for d in (1, 2, 3)
+]
 
-_PASS_METHODS = {
-    "view", "view_as", "reshape", "reshape_as", "flatten", "unflatten", "permute", "transpose", "t", "contiguous",
-    "squeeze", "unsqueeze", "size", "dim", "chunk", "split", "unbind", "expand", "expand_as", "repeat", "narrow",
-    "relu", "tanh", "sigmoid", "mean", "sum", "flip", "roll", "to", "float", "double", "half", "type_as", "clone",
-    "detach",
+# How each op transforms live indicators:
+#   identity: the first argument's indicator passes unchanged (dropout, batch norm: the usual convention);
+#   pass:     the op itself runs on the indicators: it moves, copies, pads, pools or sums values and
+#             maps positive to positive (activations, pooling, reshapes, slicing, concat, zero padding);
+#   sum:      a ± b is live where either term is live (a constant ≠ 0 makes everything live);
+#   product:  the op on magnitudes (a·b is null where either factor is);
+#   div:      a / b is live where a is.
+_FUNCTION_RULES: dict[Any, str] = {
+    **{f: "identity" for f in _existing(F, ["dropout", "dropout1d", "dropout2d", "dropout3d", "alpha_dropout",
+                                            "feature_alpha_dropout", "batch_norm", "instance_norm"])},
+    **{f: "pass" for f in _existing(F, ["relu", "relu6", "leaky_relu", "elu", "selu", "celu", "gelu", "silu",
+                                        "mish", "hardswish", "hardtanh", "tanh", "sigmoid", "softplus", "pad",
+                                        "interpolate", "pixel_shuffle", "pixel_unshuffle", *_POOL_NAMES])},
+    **{f: "pass" for f in _existing(torch, ["relu", "tanh", "sigmoid", "flatten", "cat", "concat", "concatenate",
+                                            "stack", "reshape", "permute", "transpose", "squeeze", "unsqueeze",
+                                            "chunk", "split", "unbind", "narrow", "flip", "roll", "mean", "sum",
+                                            "clone", "max_pool1d", "max_pool2d", "avg_pool1d",
+                                            "adaptive_avg_pool1d", "adaptive_max_pool1d"])},
+    **{f: "pass" for f in [*_existing(torch._C._nn, ["pad"]), operator.getitem, builtins.getattr]},
+    **{f: "sum" for f in [operator.add, operator.iadd, operator.sub, operator.isub, torch.add, torch.sub]},
+    **{f: "product" for f in [operator.mul, operator.imul, operator.matmul, torch.mul, torch.matmul, torch.bmm,
+                              torch.mm]},
+    **{f: "div" for f in [operator.truediv, operator.itruediv, torch.div, torch.true_divide]},
 }
-_SUM_METHODS = {"add", "sub"}
-_PRODUCT_METHODS = {"mul", "matmul", "mm", "bmm"}
-_DIV_METHODS = {"div", "true_divide"}
-
+# Tensor methods by name (an in-place method ``x.add_`` follows the rule of ``x.add``).
+_METHOD_RULES: dict[str, str] = {
+    **{m: "pass" for m in ["view", "view_as", "reshape", "reshape_as", "flatten", "unflatten", "permute",
+                           "transpose", "t", "contiguous", "squeeze", "unsqueeze", "chunk", "split", "unbind",
+                           "expand", "expand_as", "repeat", "narrow", "relu", "tanh", "sigmoid", "mean", "sum",
+                           "flip", "roll", "to", "float", "double", "half", "type_as", "clone", "detach"]},
+    **{m: "sum" for m in ["add", "sub"]},
+    **{m: "product" for m in ["mul", "matmul", "mm", "bmm"]},
+    **{m: "div" for m in ["div", "true_divide"]},
+}
 _IDENTITY_MODULES = tuple(
     [nn.modules.batchnorm._BatchNorm, nn.modules.instancenorm._InstanceNorm, nn.Identity]
     + _existing(nn, ["Dropout", "Dropout1d", "Dropout2d", "Dropout3d", "AlphaDropout", "FeatureAlphaDropout"])
@@ -400,7 +410,9 @@ _PASS_MODULES = tuple(
 
 def _binarize(value: Any) -> Any:
     """Floating tensors -> 1.0 where non-zero (live), 0.0 elsewhere; other values unchanged."""
-    return tree_map(lambda v: v.ne(0).to(v.dtype) if isinstance(v, torch.Tensor) and v.is_floating_point() else v, value)
+    return tree_map(
+        lambda v: v.ne(0).to(v.dtype) if isinstance(v, torch.Tensor) and v.is_floating_point() else v, value
+    )
 
 
 def _all_live(recorded: Any, device: torch.device) -> Any:
@@ -436,18 +448,13 @@ def _live_quotient(numerator: Any, denominator: Any) -> Any:
     return numerator / abs(denominator)
 
 
-def _without_inplace(kwargs: dict) -> dict:
-    return {**kwargs, "inplace": False} if "inplace" in kwargs else kwargs
-
-
 class _NullPropagation:
     """Pushes live indicators through a traced graph and records each layer call's null channels."""
 
-    def __init__(self, model: nn.Module, traced: _TracedModel, infos: dict[str, LayerQuantInfo], input_size: tuple):
+    def __init__(self, model: nn.Module, traced: _TracedModel, infos: dict[str, LayerQuantInfo]):
         self.model = model
         self.traced = traced
         self.infos = infos
-        self.input_size = input_size
         self.device = next(iter(infos.values())).weight.device
         self.unknown: set[str] = set()
         self.layer_nulls: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
@@ -468,6 +475,7 @@ class _NullPropagation:
         return self.layer_nulls
 
     def _live(self, node: fx.Node, args: tuple, kwargs: dict, recorded: Any) -> Any:
+        """The node's output indicator, by the rule for its op."""
         if node.op == "placeholder":
             return _all_live(recorded, self.device)
         if node.op == "get_attr":
@@ -482,50 +490,42 @@ class _NullPropagation:
             if isinstance(module, _IDENTITY_MODULES):
                 return args[0]
             if isinstance(module, _PASS_MODULES):
-                clones = tuple(a.clone() if isinstance(a, torch.Tensor) else a for a in args)
-                return self._apply(node, lambda: module(*clones, **kwargs), recorded)
+                clones = tuple(a.clone() if isinstance(a, torch.Tensor) else a for a in args)  # inplace=True
+                return self._apply(type(module).__name__, lambda: module(*clones, **kwargs), recorded)
             return self._unknown(type(module).__name__, recorded)
         if node.op == "call_function":
-            return self._call(node, node.target, args, _without_inplace(kwargs), recorded, getattr(node.target, "__name__", str(node.target)))
-        if node.op == "call_method":
-            name = node.target[:-1] if node.target.endswith("_") and not node.target.startswith("__") else node.target
-            method = getattr(torch.Tensor, name, None)
-            if name in _PASS_METHODS | _SUM_METHODS | _PRODUCT_METHODS | _DIV_METHODS and method is not None:
-                kind = _method_kind(name)
-                return self._combine(node, kind, method, args, kwargs, recorded)
-            return self._unknown(f"Tensor.{node.target}", recorded)
-        return self._unknown(f"{node.op} {node.target}", recorded)
-
-    def _call(self, node: fx.Node, target: Any, args: tuple, kwargs: dict, recorded: Any, name: str) -> Any:
-        if target in _IDENTITY_FUNCTIONS:
+            name = getattr(node.target, "__name__", str(node.target))
+            rule, fn = _FUNCTION_RULES.get(node.target), node.target
+            kwargs = {**kwargs, "inplace": False} if "inplace" in kwargs else kwargs
+        else:  # call_method
+            method = node.target[:-1] if node.target.endswith("_") and not node.target.startswith("__") else node.target
+            name, rule, fn = f"Tensor.{node.target}", _METHOD_RULES.get(method), getattr(torch.Tensor, method, None)
+        if rule is None or fn is None:
+            return self._unknown(name, recorded)
+        if rule == "identity":
             return args[0] if args else kwargs["input"]
-        for kind, targets in (("pass", _PASS_FUNCTIONS), ("sum", _SUM_FUNCTIONS), ("product", _PRODUCT_FUNCTIONS), ("div", _DIV_FUNCTIONS)):
-            if target in targets:
-                return self._combine(node, kind, target, args, kwargs, recorded)
-        return self._unknown(name, recorded)
-
-    def _combine(self, node: fx.Node, kind: str, fn: Any, args: tuple, kwargs: dict, recorded: Any) -> Any:
-        if kind == "sum":
+        if rule == "sum":
             terms = [*args, *(kwargs[k] for k in ("input", "other") if k in kwargs)]
-            return self._apply(node, lambda: _live_sum(*terms), recorded)
-        if kind == "product":
+            return self._apply(name, lambda: _live_sum(*terms), recorded)
+        if rule == "product":
             magnitudes = {k: _magnitude(v) for k, v in kwargs.items()}
-            return self._apply(node, lambda: fn(*map(_magnitude, args), **magnitudes), recorded)
-        if kind == "div":
-            return self._apply(node, lambda: _live_quotient(*args[:2]), recorded)
-        return self._apply(node, lambda: fn(*args, **kwargs), recorded)
+            return self._apply(name, lambda: fn(*map(_magnitude, args), **magnitudes), recorded)
+        if rule == "div":
+            return self._apply(name, lambda: _live_quotient(*args[:2]), recorded)
+        return self._apply(name, lambda: fn(*args, **kwargs), recorded)
 
-    def _apply(self, node: fx.Node, compute: Any, recorded: Any) -> Any:
-        """Run an op on live indicators; any failure or shape surprise makes it an unknown op."""
+    def _apply(self, name: str, compute: Callable[[], Any], recorded: Any) -> Any:
+        """Run an op on live indicators; a failure or a shape surprise makes it an unknown op."""
         try:
             value = compute()
         except Exception:  # noqa: BLE001 - an op that rejects indicators is treated conservatively
-            return self._unknown(str(node.target), recorded)
+            return self._unknown(name, recorded)
         if not _same_shapes(value, recorded):
-            return self._unknown(str(node.target), recorded)
+            return self._unknown(name, recorded)
         return _binarize(value)
 
     def _unknown(self, name: str, recorded: Any) -> Any:
+        """No rule for this op: every output channel counts as live."""
         self.unknown.add(name)
         return _all_live(recorded, self.device)
 
@@ -543,16 +543,6 @@ class _NullPropagation:
         view = [1] * len(recorded.shape)
         view[channel_dim] = null_out.numel()
         return (~null_out).to(torch.float32).view(view).expand(recorded.shape).contiguous()
-
-
-def _method_kind(name: str) -> str:
-    if name in _SUM_METHODS:
-        return "sum"
-    if name in _PRODUCT_METHODS:
-        return "product"
-    if name in _DIV_METHODS:
-        return "div"
-    return "pass"
 
 
 # --------------------------------------------------------------------------- model-level comparison
@@ -622,7 +612,8 @@ class QuantizationComparison:
             layers.append(LayerStats(
                 name=name, macs=macs, bops=float(macs * info.bitwidth * self.b_a), bitwidth=info.bitwidth,
                 pruning_ratio=1.0 - macs / dense if dense else 0.0, null_out=NullChannels.from_mask(null_out),
-                null_in=NullChannels.from_mask(null_in), spatial=calls[0].spatial, kernel_size=_kernel_size(info.weight),
+                null_in=NullChannels.from_mask(null_in), spatial=calls[0].spatial,
+                kernel_size=_kernel_size(info.weight),
             ))
         return _model_stats(layers)
 
@@ -676,7 +667,7 @@ class QuantizationComparison:
     ) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
         if traced.graph is None or not infos:
             return {}
-        propagation = _NullPropagation(model, traced, infos, self.input_size)
+        propagation = _NullPropagation(model, traced, infos)
         nulls = propagation.run()
         new_unknown = propagation.unknown - traced.warned_ops
         if new_unknown:
