@@ -384,6 +384,10 @@ _FUNCTION_RULES: dict[Any, str] = {
                               torch.mm]},
     **{f: "div" for f in [operator.truediv, operator.itruediv, torch.div, torch.true_divide]},
 }
+# Functions of optional libraries, by qualified name (no import needed to recognise them).
+_FUNCTION_RULES_BY_NAME: dict[str, str] = {
+    "torchvision.ops.stochastic_depth.stochastic_depth": "identity",  # drops whole samples, like dropout
+}
 # Tensor methods by name (an in-place method ``x.add_`` follows the rule of ``x.add``).
 _METHOD_RULES: dict[str, str] = {
     **{m: "pass" for m in ["view", "view_as", "reshape", "reshape_as", "flatten", "unflatten", "permute",
@@ -495,7 +499,9 @@ class _NullPropagation:
             return self._unknown(type(module).__name__, recorded)
         if node.op == "call_function":
             name = getattr(node.target, "__name__", str(node.target))
-            rule, fn = _FUNCTION_RULES.get(node.target), node.target
+            qualified = f"{getattr(node.target, '__module__', '')}.{getattr(node.target, '__qualname__', '')}"
+            rule = _FUNCTION_RULES.get(node.target) or _FUNCTION_RULES_BY_NAME.get(qualified)
+            fn = node.target
             kwargs = {**kwargs, "inplace": False} if "inplace" in kwargs else kwargs
         else:  # call_method
             method = node.target[:-1] if node.target.endswith("_") and not node.target.startswith("__") else node.target

@@ -272,3 +272,24 @@ def test_counting_leaves_training_mode_and_batchnorm_statistics_untouched():
     qc.calculate_stats(model)
     assert model.training and model.layer1[0].bn1.training
     assert torch.equal(model.bn1.running_mean, before)
+
+
+def test_stochastic_depth_passes_null_channels_like_dropout(caplog):
+    """torchvision's stochastic_depth (EfficientNet) drops whole samples: a null channel stays null."""
+    from torchvision.ops import stochastic_depth
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a = nn.Conv2d(2, 4, 1, bias=False)
+            self.b = nn.Conv2d(4, 2, 1, bias=False)
+
+        def forward(self, x):
+            return self.b(stochastic_depth(self.a(x), 0.2, "row", self.training))
+
+    model = _ones(Net())
+    with torch.no_grad():
+        model.a.weight[3] = 0.0
+    _, stats = _stats(model, (2, 4, 4))
+    assert stats.by_name()["b"].null_in == NullChannels({3}, 4)
+    assert not caplog.records
