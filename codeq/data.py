@@ -29,6 +29,12 @@ log = logging.getLogger(__name__)
 
 LOADERS = ("auto", "memory", "device", "torch")
 DEBIAN_FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
+# torchvision's file layouts (folder, train files, test files), spelled out so reading needs no torchvision
+# import (seconds); its dataset classes are imported only to download.
+CIFAR_LAYOUT = {
+    "CIFAR10": ("cifar-10-batches-py", tuple(f"data_batch_{i}" for i in range(1, 6)), ("test_batch",)),
+    "CIFAR100": ("cifar-100-python", ("train",), ("test",)),
+}
 FASHION_MNIST_FILES = {
     "train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
     "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"),
@@ -247,7 +253,7 @@ class DataModule:
                 images, labels = images.pin_memory(), labels.pin_memory()
             images = images.to(self.device, non_blocking=True)
             labels = labels.to(self.device, non_blocking=True)
-        return torch.addcmul(self._shift, images.float(), self._scale), labels
+        return images.float().mul_(self._scale).add_(self._shift), labels
 
     def _torch_batches(self, split: Split, epoch: int | None) -> _TorchLoaderBatches:
         from torchvision.transforms import v2
@@ -258,7 +264,7 @@ class DataModule:
             if self.augmentation.flip:
                 steps.append(v2.RandomHorizontalFlip())
         steps += [v2.ToDtype(torch.float32, scale=True), v2.Normalize(self.mean, self.std)]
-        base_seed = derived_seed(self.seed, _STREAM_EPOCH, epoch if epoch is not None else 0)
+        base_seed = derived_seed(self.seed, _STREAM_EPOCH, epoch) if epoch is not None else 0
         dataset = _TransformedTensors(split, v2.Compose(steps), base_seed)
         generator = seeded_generator(self.seed, _STREAM_EPOCH, epoch) if epoch is not None else None
         loader = DataLoader(dataset, batch_size=self.batch_size, shuffle=epoch is not None, generator=generator,
@@ -336,24 +342,28 @@ def _read_cifar_batches(paths: Sequence[Path]) -> Split:
     return Split(torch.from_numpy(np.concatenate(images)), torch.from_numpy(np.concatenate(labels)))
 
 
-def _load_cifar(dataset_cls, title: str, root, download: bool) -> tuple[Split, Split]:
+def _load_cifar(class_name: str, title: str, root, download: bool) -> tuple[Split, Split]:
     """Read torchvision's CIFAR file layout under ``root`` ourselves (torchvision's classes md5-check
-    every file on load); torchvision's class is used only to download, when allowed and missing."""
+    every file on load, which fake test files fail); torchvision's class is used only to download,
+    when allowed and files are missing."""
     root = Path(root).expanduser()
-    folder = root / dataset_cls.base_folder
-    train_files = [folder / name for name, _ in dataset_cls.train_list]
-    test_files = [folder / name for name, _ in dataset_cls.test_list]
+    base_folder, train_names, test_names = CIFAR_LAYOUT[class_name]
+    folder = root / base_folder
+    train_files = [folder / name for name in train_names]
+    test_files = [folder / name for name in test_names]
     missing = [p.name for p in train_files + test_files if not p.is_file()]
     if missing and download:
+        import torchvision.datasets
+
         log.info("downloading %s into %s", title, root)
         try:
-            dataset_cls(str(root), train=False, download=True)
+            getattr(torchvision.datasets, class_name)(str(root), train=False, download=True)
         except (OSError, RuntimeError) as err:
             reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
             raise DatasetNotFoundError(f"{title}: downloading into dataset.root={root} failed ({reason})") from err
     elif missing:
         raise DatasetNotFoundError(
-            f"{title} not found: dataset.root={root} has no {dataset_cls.base_folder}/{missing[0]}; "
+            f"{title} not found: dataset.root={root} has no {base_folder}/{missing[0]}; "
             f"set dataset.download=true to download it, or dataset.root to a folder that has it")
     return _read_cifar_batches(train_files), _read_cifar_batches(test_files)
 
@@ -362,11 +372,9 @@ def cifar10(*, name: str = "cifar10", input_size=(3, 32, 32), num_classes: int =
             download: bool = False, batch_size: int = 512, num_workers: int = 2, loader: str = "auto",
             augment: bool = True, seed: int = 0, device="cpu") -> DataModule:
     """CIFAR-10 (50,000 / 10,000 images 3x32x32, 10 classes) from ``root/cifar-10-batches-py``."""
-    from torchvision.datasets import CIFAR10
-
     _check_common(batch_size, num_workers, loader, augment, download, seed)
     _check_fixed_shape(name, input_size, num_classes, (3, 32, 32), 10)
-    train, test = _load_cifar(CIFAR10, "CIFAR-10", root, download)
+    train, test = _load_cifar("CIFAR10", "CIFAR-10", root, download)
     return DataModule(name=name, train=train, test=test, num_classes=10, normalization=CIFAR10_NORMALIZATION,
                       augmentation=Augmentation(4, True) if augment else None, batch_size=batch_size,
                       num_workers=num_workers, loader=loader, seed=seed, device=device)
@@ -376,11 +384,9 @@ def cifar100(*, name: str = "cifar100", input_size=(3, 32, 32), num_classes: int
              download: bool = False, batch_size: int = 512, num_workers: int = 2, loader: str = "auto",
              augment: bool = True, seed: int = 0, device="cpu") -> DataModule:
     """CIFAR-100 (50,000 / 10,000 images 3x32x32, 100 fine classes) from ``root/cifar-100-python``."""
-    from torchvision.datasets import CIFAR100
-
     _check_common(batch_size, num_workers, loader, augment, download, seed)
     _check_fixed_shape(name, input_size, num_classes, (3, 32, 32), 100)
-    train, test = _load_cifar(CIFAR100, "CIFAR-100", root, download)
+    train, test = _load_cifar("CIFAR100", "CIFAR-100", root, download)
     return DataModule(name=name, train=train, test=test, num_classes=100, normalization=CIFAR100_NORMALIZATION,
                       augmentation=Augmentation(4, True) if augment else None, batch_size=batch_size,
                       num_workers=num_workers, loader=loader, seed=seed, device=device)
@@ -417,12 +423,12 @@ def _fashion_mnist_dir(candidates: Sequence[Path]) -> Path | None:
 
 def _load_fashion_mnist(root, download: bool) -> tuple[Split, Split]:
     """From ``root/FashionMNIST/raw``, else Debian's package folder, else torchvision's download."""
-    from torchvision.datasets import FashionMNIST
-
     root = Path(root).expanduser()
     raw = root / "FashionMNIST" / "raw"
     folder = _fashion_mnist_dir([raw, DEBIAN_FASHION_MNIST_DIR])
     if folder is None and download:
+        from torchvision.datasets import FashionMNIST
+
         log.info("downloading Fashion-MNIST into %s", root)
         try:
             FashionMNIST(str(root), train=False, download=True)

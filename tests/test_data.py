@@ -61,7 +61,7 @@ def test_train_batches_depend_only_on_seed_and_epoch():
     other_epoch = batches(dm.train_batches(6))
     assert not torch.equal(first[0][0], other_epoch[0][0])
     assert not torch.equal(torch.cat([y for _, y in first]), torch.cat([y for _, y in other_epoch]))
-    assert not torch.equal(make(4).train_batches(5).__iter__().__next__()[0], first[0][0])
+    assert not torch.equal(next(iter(make(4).train_batches(5)))[0], first[0][0])
 
 
 def test_bad_epoch_is_rejected():
@@ -234,6 +234,51 @@ def test_missing_cifar_names_root_and_download(tmp_path):
     assert isinstance(error.value, ConfigError) and "\n" not in message
     assert f"dataset.root={root}" in message and "dataset.download=true" in message
     assert "cifar-10-batches-py/data_batch_1" in message
+
+
+def test_file_layouts_are_torchvisions():
+    import torchvision.datasets as tvd
+
+    for name, (folder, train, test) in data.CIFAR_LAYOUT.items():
+        cls = getattr(tvd, name)
+        assert (cls.base_folder, [f for f, _ in cls.train_list], [f for f, _ in cls.test_list]) == (
+            folder, list(train), list(test))
+    expected = [f"{stem}.gz" for pair in data.FASHION_MNIST_FILES.values() for stem in pair]
+    assert sorted(f for f, _ in tvd.FashionMNIST.resources) == sorted(expected)
+
+
+def test_cifar_downloads_through_torchvision_only_when_allowed(tmp_path, monkeypatch):
+    import torchvision.datasets as tvd
+
+    calls = []
+
+    def fake_download(root, train, download):
+        calls.append((root, train, download))
+        files = {f"data_batch_{i}": (cifar_pixels(1, i).astype(np.uint8), [i]) for i in range(1, 6)}
+        files["test_batch"] = (cifar_pixels(1, 0).astype(np.uint8), [0])
+        write_cifar(Path(root), "cifar-10-batches-py", files, b"labels", ("batches.meta", b"label_names"))
+
+    monkeypatch.setattr(tvd, "CIFAR10", fake_download)
+    with pytest.raises(DatasetNotFoundError):
+        data.cifar10(root=str(tmp_path))
+    assert calls == []
+    dm = data.cifar10(root=str(tmp_path), download=True)
+    assert calls == [(str(tmp_path), False, True)] and (dm.num_train, dm.num_test) == (5, 1)
+    data.cifar10(root=str(tmp_path), download=True)
+    assert len(calls) == 1  # present files are read, not fetched again
+
+
+def test_failed_download_is_one_line(tmp_path, monkeypatch):
+    import torchvision.datasets as tvd
+
+    def offline(root, train, download):
+        raise OSError("[Errno -3] Temporary failure in name resolution\nmore detail")
+
+    monkeypatch.setattr(tvd, "CIFAR100", offline)
+    with pytest.raises(DatasetNotFoundError) as error:
+        data.cifar100(root=str(tmp_path), download=True)
+    assert str(error.value) == (f"CIFAR-100: downloading into dataset.root={tmp_path} failed "
+                                "([Errno -3] Temporary failure in name resolution)")
 
 
 # ---------------------------------------------------------------------------- Fashion-MNIST files
