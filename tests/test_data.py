@@ -64,6 +64,25 @@ def test_train_batches_depend_only_on_seed_and_epoch():
     assert not torch.equal(next(iter(make(4).train_batches(5)))[0], first[0][0])
 
 
+def test_batches_are_built_on_one_thread_and_the_setting_is_restored_between_them(monkeypatch):
+    building = []
+
+    def recording_crop_and_flip(*args, **kwargs):
+        building.append(torch.get_num_threads())
+        return crop_and_flip(*args, **kwargs)
+
+    monkeypatch.setattr(data, "crop_and_flip", recording_crop_and_flip)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        dm = data.synthetic(train_size=20, test_size=10, batch_size=8)
+        using = [torch.get_num_threads() for _ in dm.train_batches(0)] + [torch.get_num_threads()
+                                                                          for _ in dm.test_batches()]
+        assert building == [1] * 3 and using == [2] * 5 and torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(threads)
+
+
 def test_bad_epoch_is_rejected():
     dm = data.synthetic(train_size=4, test_size=4)
     with pytest.raises(ValueError, match="epoch must be an integer >= 0"):
