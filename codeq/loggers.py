@@ -126,7 +126,15 @@ class WandbLogger(Logger):
         self.run.log({**metrics, "epoch": step})
 
     def log_figures(self, figures: dict[str, Any], step: int) -> None:
-        images = {f"figures/{name}": self._wandb.Image(fig) for name, fig in figures.items()}
+        """Figures go in as PNG-rendered images (W&B's own matplotlib path needs pyplot figures)."""
+        from PIL import Image
+
+        images = {}
+        for name, fig in figures.items():
+            buffer = io.BytesIO()
+            fig.savefig(buffer, format="png", dpi=100)
+            buffer.seek(0)
+            images[f"figures/{name}"] = self._wandb.Image(Image.open(buffer))
         self.run.log({**images, "epoch": step})
 
     def finish(self, status: str) -> None:

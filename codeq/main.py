@@ -18,7 +18,7 @@ import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.errors import CompactHydraException, InstantiationException
 from hydra.types import RunMode
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 from torch import nn
 
@@ -91,7 +91,10 @@ def seed_everything(seed: Any) -> None:
 
 def attach_quantizers(cfg: DictConfig, model: nn.Module) -> list[str]:
     """Attach the configured weight quantizer to every Conv/Linear not excluded; quantizer=none attaches nothing."""
-    exclude = cfg.quantizer.get("exclude_layers") or []
+    exclude = cfg.quantizer.get("exclude_layers")
+    exclude = [] if exclude is None else exclude
+    if not isinstance(exclude, (list, ListConfig)) or not all(isinstance(name, str) for name in exclude):
+        raise ConfigError(f"quantizer.exclude_layers must be a list of module names or globs, got {exclude!r}")
     if cfg.quantizer.get("_target_") is None:
         return []
     factory = instantiate_group(cfg, "quantizer", drop=("exclude_layers",))

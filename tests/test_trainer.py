@@ -27,6 +27,15 @@ from codeq.trainer import (
 CPU = torch.device("cpu")
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    """One intra-op thread: on a shared 2-core machine two OpenMP threads per process spin against each other."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 class TinyNet(nn.Module):
     """conv(1→4, 3×3) → ReLU → global average pool → linear(4→3); no BatchNorm, so eval = train math."""
 
@@ -81,14 +90,15 @@ class CountingDeadZone(DeadZoneLDZCompander):
 
 
 def make_trainer(run_dir, *, epochs=2, data=None, sparsity_fn=None, weight=0.0, schedule=None, lr=1e-2,
-                 quantizer=DeadZoneLDZCompander, figure_fn=None, viz_interval=25, log_every_steps=25):
+                 quantizer=DeadZoneLDZCompander, figure_fn=None, viz_interval=25, log_every_steps=25, precision="fp32"):
     torch.manual_seed(0)
     model = TinyNet()
     evaluator = Evaluator(model, input_size=TinyData.input_size)
     attach_weight_quantizers(model, exclude_layers=[], quantizer=quantizer)
     optimizer = build_adamw(model, lr=lr, weight_decay=0.0, lr_dz=lr, weight_decay_dz=0.0, lr_bit=lr,
                             weight_decay_bit=0.0)
-    config = TrainerConfig(epochs=epochs, device="cpu", viz_interval=viz_interval, log_every_steps=log_every_steps)
+    config = TrainerConfig(epochs=epochs, device="cpu", viz_interval=viz_interval, log_every_steps=log_every_steps,
+                           precision=precision)
     return Trainer(
         config, model=model, data=data or TinyData(), optimizer=optimizer,
         lr_scheduler=torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=epochs), evaluator=evaluator,
@@ -242,6 +252,14 @@ def test_nan_is_found_at_the_epoch_end_check_too(tmp_path):
     with pytest.raises(TrainingDiverged, match="epoch 0, step 1 "):
         trainer.fit(logger(tmp_path))
     assert read_metrics(tmp_path / "metrics.jsonl") == [] and not (tmp_path / "last.pt").exists()
+
+
+def test_bf16_autocast_trains_with_fp32_weights(tmp_path):
+    trainer = make_trainer(tmp_path, epochs=1, precision="bf16", sparsity_fn=linear_l1, weight=0.1)
+    trainer.fit(logger(tmp_path))
+    (row,) = read_metrics(tmp_path / "metrics.jsonl")
+    assert all(math.isfinite(row[key]) for key in ("train/loss", "eval/loss", "train/sparsity_loss"))
+    assert all(p.dtype == torch.float32 for p in trainer.model.parameters())
 
 
 def test_build_adamw_validates_every_setting():

@@ -1,0 +1,233 @@
+"""Issue 8 through the CLI: kill and resume exactly, corrupt checkpoints, signals, divergence, bad input."""
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from codeq.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from codeq.data import synthetic
+from codeq.rundir import RunFiles, read_metrics
+from test_cli import ONE_THREAD, REPO, TINY, one_thread, run_cli, run_in_process  # noqa: F401 (autouse fixture)
+
+RESUMABLE = [*TINY, "trainer.epochs=4", "trainer.viz_interval=100", "logger=none", "sparsity=group_lasso"]
+VOLATILE = ("time/", "train/images_per_s")
+
+
+def stable(rows):
+    """The rows without wall-clock timings: what must be identical between two runs of the same seed."""
+    return [{k: v for k, v in row.items() if not k.startswith(VOLATILE)} for row in rows]
+
+
+def poisoned_synthetic(poison_epoch: int, poison_step: int, **kwargs):
+    """codeq.data.synthetic whose training batch (poison_epoch, poison_step) is all NaN (a divergence stand-in)."""
+    data = synthetic(**kwargs)
+    clean = data.train_batches
+
+    def train_batches(epoch):
+        for step, (x, y) in enumerate(clean(epoch)):
+            yield (torch.full_like(x, math.nan) if (epoch, step) == (poison_epoch, poison_step) else x), y
+
+    data.train_batches = train_batches
+    return data
+
+
+def start_cli(*args):
+    return subprocess.Popen([sys.executable, "-m", "codeq.main", *args], cwd=REPO, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env={**os.environ, **ONE_THREAD})
+
+
+def wait_for_rows(proc, run_dir, count, timeout=240):
+    """Poll metrics.jsonl until it has ``count`` rows (the process must still be running then)."""
+    deadline = time.monotonic() + timeout
+    while len(read_metrics(run_dir / "metrics.jsonl")) < count:
+        assert proc.poll() is None, proc.communicate()
+        assert time.monotonic() < deadline, "run too slow"
+        time.sleep(0.02)
+
+
+def error_lines(stderr):
+    return [line for line in stderr.splitlines() if line.startswith("error:")]
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    """An uninterrupted 4-epoch run, in this process; its rows are what every resumed run must reproduce."""
+    run_dir = tmp_path_factory.mktemp("reference")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    with pytest.MonkeyPatch.context() as monkeypatch:
+        assert run_in_process(*RESUMABLE, f"hydra.run.dir={run_dir}", monkeypatch=monkeypatch) == 0
+    torch.set_num_threads(threads)
+    rows = read_metrics(run_dir / "metrics.jsonl")
+    assert len(rows) == 4
+    return stable(rows)
+
+
+def test_sigkill_after_epoch_two_then_resume_equals_an_uninterrupted_run(tmp_path, reference, monkeypatch):
+    run_dir = tmp_path / "run"
+    proc = start_cli(*RESUMABLE, f"hydra.run.dir={run_dir}")
+    wait_for_rows(proc, run_dir, 2)
+    proc.kill()
+    proc.communicate()
+    assert proc.returncode == -signal.SIGKILL
+    assert run_in_process(*RESUMABLE, "trainer.resume=true", f"hydra.run.dir={run_dir}", monkeypatch=monkeypatch) == 0
+    assert stable(read_metrics(run_dir / "metrics.jsonl")) == reference
+    assert json.loads((run_dir / "summary.json").read_text())["status"] == "completed"
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+def test_signal_writes_a_checkpoint_exits_non_zero_and_resumes_exactly(sig, tmp_path, reference, monkeypatch):
+    run_dir = tmp_path / "run"
+    proc = start_cli(*RESUMABLE, f"hydra.run.dir={run_dir}")
+    wait_for_rows(proc, run_dir, 1)
+    proc.send_signal(sig)
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + sig
+    (line,) = error_lines(stderr)
+    assert f"interrupted by {sig.name}" in line and "trainer.resume=true" in line
+    assert "Traceback" not in stderr
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["status"] == "interrupted" and summary["error"] in line
+    assert not (run_dir / "failed.json").exists()
+    load_checkpoint(run_dir / "last.pt")
+    assert run_in_process(*RESUMABLE, "trainer.resume=true", f"hydra.run.dir={run_dir}", monkeypatch=monkeypatch) == 0
+    assert stable(read_metrics(run_dir / "metrics.jsonl")) == reference
+
+
+@pytest.mark.parametrize("damage", ["truncated", "garbage", "foreign"])
+def test_a_bad_checkpoint_is_one_clear_line(damage, tmp_path, monkeypatch, capsys):
+    run_dir = tmp_path / "run"
+    base = [*TINY, "trainer.viz_interval=100", "logger=none", f"hydra.run.dir={run_dir}"]
+    assert run_in_process(*base, "trainer.epochs=1", monkeypatch=monkeypatch) == 0
+    checkpoint = run_dir / "last.pt"
+    if damage == "truncated":
+        checkpoint.write_bytes(checkpoint.read_bytes()[: checkpoint.stat().st_size // 2])
+    elif damage == "garbage":
+        checkpoint.write_bytes(b"not a checkpoint at all")
+    else:
+        torch.save({"weights": torch.zeros(3)}, checkpoint)
+    capsys.readouterr()
+    assert run_in_process(*base, "trainer.epochs=1", "trainer.resume=true", monkeypatch=monkeypatch) == 2
+    (line,) = error_lines(capsys.readouterr().err)
+    assert line.startswith("error: trainer.resume: ") and str(checkpoint) in line
+    assert len(read_metrics(run_dir / "metrics.jsonl")) == 1  # what was written stays
+    failed = json.loads((run_dir / "failed.json").read_text())
+    assert failed == {"error": line.removeprefix("error: "), "type": "CheckpointError", "epoch": 0}
+
+
+@pytest.mark.parametrize("change, message", [
+    ("model=resnet32", "does not fit the configured model/optimizer"),
+    ("trainer.epochs=2", "trainer.epochs=2 but"),
+])
+def test_checkpoint_of_another_config(change, message, tmp_path, monkeypatch, capsys):
+    run_dir = tmp_path / "run"
+    base = [*TINY, "trainer.epochs=1", "trainer.viz_interval=100", "logger=none", f"hydra.run.dir={run_dir}"]
+    assert run_in_process(*base, monkeypatch=monkeypatch) == 0
+    capsys.readouterr()
+    assert run_in_process(*base, change, "trainer.resume=true", monkeypatch=monkeypatch) == 2
+    (line,) = error_lines(capsys.readouterr().err)
+    assert message in line
+
+
+def test_checkpoint_file_helpers(tmp_path):
+    path = tmp_path / "last.pt"
+    state = {"epoch": 3, "epochs": 5, "model": {"w": torch.arange(4.0)}, "optimizer": {}, "lr_scheduler": {}, "rng": {},
+             "wandb_run_id": "abc", "partial": None}
+    save_checkpoint(path, state)
+    assert not list(tmp_path.glob(".*.tmp"))
+    loaded = load_checkpoint(path)
+    assert loaded["epoch"] == 3 and loaded["wandb_run_id"] == "abc" and torch.equal(loaded["model"]["w"],
+                                                                                  torch.arange(4.0))
+    torch.save({**state, "version": 99}, path)
+    with pytest.raises(CheckpointError, match="format version 99"):
+        load_checkpoint(path)
+
+
+def test_half_written_metrics_line_is_dropped_and_rows_beyond_the_checkpoint_replayed(tmp_path):
+    path = tmp_path / "metrics.jsonl"
+    path.write_text('{"epoch": 0, "eval/accuracy": 0.5}\n{"epoch": 1, "eval/accuracy": 0.6}\n{"epoch": 2, "ev')
+    assert [row["epoch"] for row in read_metrics(path)] == [0, 1]
+    files = RunFiles(tmp_path, epochs=5)
+    files.start(completed_epochs=1)  # the checkpoint holds epoch 0 only: epoch 1 will be trained again
+    assert path.read_text() == '{"epoch": 0, "eval/accuracy": 0.5}\n'
+    summary = files.write_summary("running")
+    assert (summary["epochs_completed"], summary["best_accuracy"], summary["best_epoch"]) == (1, 0.5, 0)
+
+
+def test_nan_loss_stops_naming_epoch_step_and_knobs(tmp_path, monkeypatch, capsys):
+    run_dir = tmp_path / "run"
+    code = run_in_process(*TINY, "trainer.epochs=3", "trainer.viz_interval=100", "logger=none",
+                          "dataset._target_=test_reliability.poisoned_synthetic", "+dataset.poison_epoch=1",
+                          "+dataset.poison_step=2", f"hydra.run.dir={run_dir}", monkeypatch=monkeypatch)
+    assert code == 1
+    (line,) = error_lines(capsys.readouterr().err)
+    assert "non-finite loss at epoch 1, step 2" in line
+    assert "optimizer.lr" in line and "sparsity.weight" in line
+    assert [row["epoch"] for row in read_metrics(run_dir / "metrics.jsonl")] == [0]
+    assert load_checkpoint(run_dir / "last.pt")["epoch"] == 0
+    assert json.loads((run_dir / "summary.json").read_text())["status"] == "diverged"
+    failed = json.loads((run_dir / "failed.json").read_text())
+    assert (failed["type"], failed["epoch"]) == ("TrainingDiverged", 0)
+
+
+BAD_OVERRIDES = [
+    (["trainer.epochs=-1"], "trainer.epochs"),
+    (["schedule=linear_warmup", "schedule.ramp=-1"], "schedule.ramp"),
+    (["schedule=linear_warmup", "schedule.delay=-2"], "schedule.delay"),
+    (["schedule=cosine_anneal", "schedule.delay=-1"], "schedule.delay"),
+    (["sparsity=group_lasso_blocks", "sparsity.block_size=0"], "sparsity.block_size"),
+    (["sparsity=group_lasso", "sparsity.weight=-0.1"], "sparsity.weight"),
+    (["dataset.batch_size=0"], "dataset.batch_size"),
+    (["trainer.device=tpu"], "trainer.device"),
+    (["trainer.viz_interval=0"], "trainer.viz_interval"),
+    (["trainer.precision=fp16"], "trainer.precision"),
+    (["trainer.sparsity_layer=layer9.conv"], "trainer.sparsity_layer"),
+    (["optimizer.lr=-0.001"], "optimizer.lr"),
+    (["quantizer.max_bits=1"], "quantizer.max_bits"),
+    (["quantizer.exclude_layers=5"], "quantizer.exclude_layers"),
+    (["logger=wandb", "logger.mode=sometimes"], "logger.mode"),
+    (["seed=-3"], "seed"),
+]
+
+
+@pytest.mark.parametrize("overrides, key", BAD_OVERRIDES, ids=[k for _, k in BAD_OVERRIDES])
+def test_bad_value_is_one_line_naming_the_key(overrides, key, tmp_path, monkeypatch, capsys):
+    code = run_in_process(*TINY, "trainer.epochs=1", "logger=none", *overrides, f"hydra.run.dir={tmp_path}",
+                          monkeypatch=monkeypatch)
+    stderr = capsys.readouterr().err
+    assert code == 2
+    (line,) = error_lines(stderr)
+    assert line.startswith(f"error: {key}") and "Traceback" not in stderr
+    assert json.loads((tmp_path / "failed.json").read_text())["error"] == line.removeprefix("error: ")
+
+
+def test_missing_dataset_without_download_names_the_root(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr("codeq.data.DEBIAN_FASHION_MNIST_DIR", tmp_path / "absent")
+    for dataset in ("cifar10", "fashion_mnist"):
+        code = run_in_process("trainer.device=cpu", "logger=none", f"dataset={dataset}", f"dataset.root={tmp_path}",
+                              "dataset.download=false", f"hydra.run.dir={tmp_path / dataset}", monkeypatch=monkeypatch)
+        stderr = capsys.readouterr().err
+        assert code == 2
+        (line,) = error_lines(stderr)
+        assert "dataset.root" in line and "dataset.download=true" in line and "Traceback" not in stderr
+
+
+@pytest.mark.parametrize("group, option", [("model", "resnet21"), ("dataset", "imagenet"), ("sparsity", "lasso")])
+def test_unknown_option_lists_the_options(group, option, tmp_path, monkeypatch, capsys):
+    code = run_in_process(*TINY, f"{group}={option}", f"hydra.run.dir={tmp_path}", monkeypatch=monkeypatch)
+    stderr = capsys.readouterr().err
+    assert code == 1
+    assert f"Could not find '{group}/{option}'" in stderr and f"Available options in '{group}'" in stderr
+    assert "Traceback" not in stderr
+
+
+def test_bad_input_through_the_real_process(tmp_path):
+    proc = run_cli(*TINY, "trainer.epochs=-5", f"hydra.run.dir={tmp_path}")
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == ["error: trainer.epochs must be an integer >= 1, got -5"]
