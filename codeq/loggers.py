@@ -95,7 +95,7 @@ def resolve_wandb_mode(mode: str) -> str:
         return os.environ["WANDB_MODE"]
     if wandb_credentials_exist():
         return "online"
-    log.warning("W&B: no credentials found, logging offline under the run dir (sync later with `wandb sync`)")
+    log.warning("W&B: no credentials found, logging offline to <run dir>/wandb (upload later with `wandb sync`)")
     return "offline"
 
 
@@ -117,6 +117,7 @@ class WandbLogger(Logger):
             project=project, entity=entity, dir=str(self.run_dir), config=config, name=name,
             group=group, job_type=job_type, id=run_id, resume="allow" if run_id else None,
             mode=resolved_mode, reinit="finish_previous",
+            settings=wandb.Settings(silent=resolved_mode == "offline"),  # offline: the notice line says it all
         )
         self.run.define_metric("epoch")
         self.run.define_metric("*", step_metric="epoch")

@@ -63,9 +63,13 @@ def instantiate_group(cfg: DictConfig, group: str, drop: tuple[str, ...] = (), *
             raise cause from None
         if isinstance(cause, (ValueError, TypeError)):
             raise bad_value(cfg, group, cause) from None
-        if isinstance(cause, ImportError) or cause is None:
+        if isinstance(cause, ImportError):
             raise ConfigError(f"{group}._target_: cannot import {node.get('_target_')!r}") from None
+        if cause is None:  # Hydra's own complaint about the node (a _target_ it cannot locate, a bad _partial_)
+            raise ConfigError(f"{group}: {one_line(exc)}") from None
         raise
+    except (TypeError, ValueError) as exc:  # Hydra's checks of the node itself (e.g. a non-bool _partial_)
+        raise bad_value(cfg, group, exc) from None
 
 
 def bad_value(cfg: DictConfig, group: str, exc: Exception) -> ConfigError:
@@ -183,8 +187,8 @@ def final_table(summary: dict[str, Any], run_dir: Path) -> str:
     final = summary["final"]
     figures = sorted(p.name for p in run_dir.glob("*.png"))
     lines = [
-        f"Final (epoch {final['epoch'] + 1} of {summary['epochs']}; best accuracy "
-        f"{summary['best_accuracy']:.4f} at epoch {summary['best_epoch'] + 1})",
+        f"Final after {summary['epochs_completed']} of {summary['epochs']} epochs "
+        f"(best accuracy {summary['best_accuracy']:.4f}: epoch {summary['best_epoch']} in metrics.jsonl)",
         f"  accuracy               {final['eval/accuracy']:.4f}",
         f"  unstructured sparsity  {final['sparsity/unstructured']:.4f}",
         f"  mean bits              {final['bits/mean']:.2f}",

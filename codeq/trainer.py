@@ -296,7 +296,7 @@ class Trainer:
                     train["time/train_s"],
                 )
                 if stop.signum is not None:
-                    self._interrupt(stop.signum, f"after epoch {epoch}")
+                    self._interrupt(stop.signum, f"after epoch {epoch} (counting from 0)")
         return self.files.write_summary("completed")
 
     def _train_epoch(self, epoch: int, coeff: float, stop: StopSignals) -> dict[str, float]:
@@ -347,7 +347,7 @@ class Trainer:
                            "train_s": train_s + time.perf_counter() - tic}
                 save_checkpoint(self.checkpoint_path, self.state_dict(epoch - 1, partial))
                 bar.close()
-                self._interrupt(stop.signum, f"at epoch {epoch}, step {step}")
+                self._interrupt(stop.signum, f"at epoch {epoch}, step {step} (counting from 0)")
         bar.close()
         if not history:
             raise ConfigError("dataset: the training set yields no batches (check dataset.batch_size and its size)")
@@ -374,7 +374,7 @@ class Trainer:
         loss, ce, sparsity, _ = stacked[step].tolist()
         lrs = ", ".join(f"{g.get('name', i)} lr {g['lr']:.3g}" for i, g in enumerate(self.optimizer.param_groups))
         raise TrainingDiverged(
-            f"training diverged: non-finite loss at epoch {epoch}, step {step} (loss {loss}, ce {ce}, "
+            f"training diverged: non-finite loss at epoch {epoch}, step {step} (counting from 0; loss {loss}, ce {ce}, "
             f"sparsity {sparsity}); lower the learning rates (optimizer.lr/lr_dz/lr_bit: {lrs}) or the sparsity "
             f"strength (sparsity.weight={self.sparsity_weight:g}); last good checkpoint: {self.checkpoint_path}"
         )
