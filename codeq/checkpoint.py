@@ -6,7 +6,6 @@ strings, lists and dicts only (the numpy RNG state is stored as a tensor for tha
 from __future__ import annotations
 
 import io
-import logging
 import random
 from pathlib import Path
 from typing import Any
@@ -16,8 +15,6 @@ import torch
 
 from codeq.errors import ConfigError
 from codeq.rundir import atomic_write_bytes
-
-log = logging.getLogger(__name__)
 
 CHECKPOINT_FILE = "last.pt"
 FORMAT_VERSION = 1

@@ -15,7 +15,8 @@ from codeq.data import synthetic
 from codeq.rundir import RunFiles, read_metrics
 from test_cli import ONE_THREAD, REPO, TINY, one_thread, run_cli, run_in_process  # noqa: F401 (autouse fixture)
 
-RESUMABLE = [*TINY, "trainer.epochs=4", "trainer.viz_interval=100", "logger=none", "sparsity=group_lasso"]
+TRAINING = [*TINY, "trainer.epochs=4", "trainer.viz_interval=100", "sparsity=group_lasso"]
+RESUMABLE = [*TRAINING, "logger=none"]
 VOLATILE = ("time/", "train/images_per_s")
 
 
@@ -37,9 +38,9 @@ def poisoned_synthetic(poison_epoch: int, poison_step: int, **kwargs):
     return data
 
 
-def start_cli(*args):
+def start_cli(*args, env=None):
     return subprocess.Popen([sys.executable, "-m", "codeq.main", *args], cwd=REPO, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, env={**os.environ, **ONE_THREAD})
+                            stderr=subprocess.PIPE, text=True, env={**os.environ, **ONE_THREAD, **(env or {})})
 
 
 def wait_for_rows(proc, run_dir, count, timeout=240):
@@ -81,10 +82,10 @@ def test_sigkill_after_epoch_two_then_resume_equals_an_uninterrupted_run(tmp_pat
     assert json.loads((run_dir / "summary.json").read_text())["status"] == "completed"
 
 
-@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
-def test_signal_writes_a_checkpoint_exits_non_zero_and_resumes_exactly(sig, tmp_path, reference, monkeypatch):
+@pytest.mark.parametrize("sig, logger", [(signal.SIGTERM, "wandb"), (signal.SIGINT, "none")], ids=["SIGTERM", "SIGINT"])
+def test_signal_writes_a_checkpoint_exits_non_zero_and_resumes_exactly(sig, logger, tmp_path, reference, monkeypatch):
     run_dir = tmp_path / "run"
-    proc = start_cli(*RESUMABLE, f"hydra.run.dir={run_dir}")
+    proc = start_cli(*TRAINING, f"logger={logger}", f"hydra.run.dir={run_dir}", env={"WANDB_MODE": "offline"})
     wait_for_rows(proc, run_dir, 1)
     proc.send_signal(sig)
     _, stderr = proc.communicate(timeout=120)
@@ -95,7 +96,10 @@ def test_signal_writes_a_checkpoint_exits_non_zero_and_resumes_exactly(sig, tmp_
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["status"] == "interrupted" and summary["error"] in line
     assert not (run_dir / "failed.json").exists()
-    load_checkpoint(run_dir / "last.pt")
+    state = load_checkpoint(run_dir / "last.pt")
+    if logger == "wandb":  # the W&B run was closed, as failed, and its id is kept for the resume
+        (offline_run,) = (run_dir / "wandb").glob(f"offline-run-*-{state['wandb_run_id']}")
+        assert "got exitcode: 1" in (offline_run / "logs" / "debug.log").read_text()
     assert run_in_process(*RESUMABLE, "trainer.resume=true", f"hydra.run.dir={run_dir}", monkeypatch=monkeypatch) == 0
     assert stable(read_metrics(run_dir / "metrics.jsonl")) == reference
 
