@@ -2,15 +2,17 @@
 import json
 import math
 import os
+import random
 import signal
 import subprocess
 import sys
 import time
 
+import numpy as np
 import pytest
 import torch
 
-from codeq.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from codeq.checkpoint import CheckpointError, capture_rng_state, load_checkpoint, restore_rng_state, save_checkpoint
 from codeq.data import synthetic
 from codeq.rundir import RunFiles, read_metrics
 from test_cli import ONE_THREAD, REPO, TINY, one_thread, run_cli, run_in_process  # noqa: F401 (autouse fixture)
@@ -151,6 +153,25 @@ def test_checkpoint_file_helpers(tmp_path):
     torch.save({**state, "version": 99}, path)
     with pytest.raises(CheckpointError, match="format version 99"):
         load_checkpoint(path)
+
+
+def test_rng_states_round_trip_through_a_checkpoint(tmp_path):
+    def draw():
+        return random.random(), float(np.random.rand()), torch.rand(3).tolist()
+
+    save_checkpoint(tmp_path / "last.pt", {"epoch": 0, "epochs": 1, "model": {}, "optimizer": {}, "lr_scheduler": {},
+                                           "rng": capture_rng_state(), "wandb_run_id": None, "partial": None})
+    expected = draw()
+    restore_rng_state(load_checkpoint(tmp_path / "last.pt")["rng"])
+    assert draw() == expected
+
+
+def test_resume_without_a_checkpoint_starts_from_epoch_zero(tmp_path, monkeypatch):
+    code = run_in_process(*TINY, "trainer.epochs=1", "trainer.viz_interval=100", "logger=none", "trainer.resume=true",
+                          f"hydra.run.dir={tmp_path}", monkeypatch=monkeypatch)
+    assert code == 0
+    assert "does not exist: starting from epoch 0" in (tmp_path / "main.log").read_text()
+    assert [row["epoch"] for row in read_metrics(tmp_path / "metrics.jsonl")] == [0]
 
 
 def test_half_written_metrics_line_is_dropped_and_rows_beyond_the_checkpoint_replayed(tmp_path):
