@@ -20,6 +20,8 @@ from typing import Sequence
 
 import yaml
 
+from codeq import rundir
+
 logger = logging.getLogger(__name__)
 
 RUN_MARKERS = ("metrics.jsonl", os.path.join(".hydra", "config.yaml"))
@@ -128,28 +130,14 @@ def _read_json(path: Path) -> dict | None:
 
 
 def read_metrics(path: Path) -> list[dict]:
-    """Rows of metrics.jsonl, one per epoch (the last row written for an epoch wins).
-
-    A last line that does not parse is an epoch being written (or a kill mid-write): dropped.
-    """
-    if not path.is_file():
-        return []
+    """Rows of metrics.jsonl (codeq.rundir's reader), one per epoch: the last row written for an epoch wins."""
     try:
-        lines = [line for line in path.read_text().split("\n") if line.strip()]
+        rows = rundir.read_metrics(path)
     except (OSError, UnicodeDecodeError) as exc:
         raise RunReadError(f"metrics.jsonl cannot be read ({exc})") from exc
-    by_epoch: dict = {}
-    for number, line in enumerate(lines, start=1):
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as exc:
-            if number == len(lines):
-                logger.debug("%s: dropping the partial last line", path)
-                break
-            raise RunReadError(f"metrics.jsonl line {number} is not valid JSON ({exc})") from exc
-        if not isinstance(row, dict):
-            raise RunReadError(f"metrics.jsonl line {number} is not a JSON object")
-        by_epoch[row.get("epoch", number)] = row
+    except ValueError as exc:
+        raise RunReadError(str(exc)) from exc
+    by_epoch = {row.get("epoch", number): row for number, row in enumerate(rows)}
     return [by_epoch[epoch] for epoch in sorted(by_epoch, key=_natural_key)]
 
 

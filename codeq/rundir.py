@@ -47,22 +47,28 @@ def fsync_dir(directory: Path) -> None:
 
 
 def read_metrics(path: Path) -> list[dict[str, Any]]:
-    """The complete rows of a metrics.jsonl file; a half-written (unparsable) last line is dropped."""
+    """The complete rows of a metrics.jsonl file; a half-written (unparsable) last line is dropped.
+
+    Any other bad line is a ValueError naming the file and the line number.
+    """
     path = Path(path)
     if not path.exists():
         return []
     lines = path.read_text().splitlines()
     rows = []
-    for number, line in enumerate(lines):
+    for number, line in enumerate(lines, start=1):
         if not line.strip():
             continue
         try:
-            rows.append(json.loads(line))
-        except json.JSONDecodeError:
-            if number == len(lines) - 1:
+            row = json.loads(line)
+        except json.JSONDecodeError as exc:
+            if number == len(lines):
                 log.warning("dropping a half-written last line of %s", path)
                 continue
-            raise
+            raise ValueError(f"{path.name} line {number} is not valid JSON ({exc})") from exc
+        if not isinstance(row, dict):
+            raise ValueError(f"{path.name} line {number} is not a JSON object")
+        rows.append(row)
     return rows
 
 
