@@ -1,6 +1,6 @@
 """Where a run's metrics and figures go besides the run dir's own files: W&B, a CSV file, or nowhere.
 
-The interface is three calls: ``log_metrics(dict, step=epoch)``, ``log_figures({name: Figure}, step)``
+The interface is three calls: ``log_metrics(dict, step=epoch)``, ``log_figures({name: png_path}, step)``
 and ``finish(status)``. metrics.jsonl and summary.json are written by the trainer whatever the logger.
 """
 from __future__ import annotations
@@ -34,8 +34,8 @@ class Logger:
     def log_metrics(self, metrics: dict[str, Any], step: int) -> None:
         """Record one epoch's scalars (``step`` is the epoch)."""
 
-    def log_figures(self, figures: dict[str, Any], step: int) -> None:
-        """Record matplotlib figures by name (the PNGs in the run dir are written by the trainer)."""
+    def log_figures(self, figures: dict[str, Path], step: int) -> None:
+        """Record the figures the trainer just wrote to the run dir, by name -> PNG path."""
 
     def finish(self, status: str) -> None:
         """Close the logger; ``status`` is the run's summary status (completed, interrupted, …)."""
@@ -126,17 +126,9 @@ class WandbLogger(Logger):
     def log_metrics(self, metrics: dict[str, Any], step: int) -> None:
         self.run.log({**metrics, "epoch": step})
 
-    def log_figures(self, figures: dict[str, Any], step: int) -> None:
-        """Figures go in as PNG-rendered images (W&B's own matplotlib path needs pyplot figures)."""
-        from PIL import Image
-
-        images = {}
-        for name, fig in figures.items():
-            buffer = io.BytesIO()
-            fig.savefig(buffer, format="png", dpi=100)
-            buffer.seek(0)
-            images[f"figures/{name}"] = self._wandb.Image(Image.open(buffer))
-        self.run.log({**images, "epoch": step})
+    def log_figures(self, figures: dict[str, Path], step: int) -> None:
+        self.run.log({**{f"figures/{name}": self._wandb.Image(str(path)) for name, path in figures.items()},
+                      "epoch": step})
 
     def finish(self, status: str) -> None:
         self.run.summary["status"] = status

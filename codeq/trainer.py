@@ -399,13 +399,14 @@ class Trainer:
         return correct / seen, loss_sum / seen
 
     def _save_figures(self, result: Any, epoch: int) -> None:
-        """Write <name>.png (latest epoch wins) and hand the figures to the logger (they hold no pyplot state)."""
-        figures = self.figure_fn(self.model, result)
-        for name, fig in figures.items():
+        """Write <name>.png (latest epoch wins) and hand those files to the logger (figures hold no pyplot state)."""
+        paths = {}
+        for name, fig in self.figure_fn(self.model, result).items():
             buffer = io.BytesIO()
             fig.savefig(buffer, format="png", dpi=100)
-            atomic_write_bytes(self.run_dir / f"{name}.png", buffer.getvalue())
-        self.logger.log_figures(figures, step=epoch)
+            paths[name] = self.run_dir / f"{name}.png"
+            atomic_write_bytes(paths[name], buffer.getvalue())
+        self.logger.log_figures(paths, step=epoch)
 
     def _autocast(self) -> contextlib.AbstractContextManager:
         if self.config.precision == "bf16":
