@@ -145,8 +145,9 @@ def build(cfg: DictConfig, run_dir: Path) -> tuple[Trainer, dict[str, Any] | Non
         path = run_dir / CHECKPOINT_FILE
         if path.exists():
             checkpoint = load_checkpoint(path)
-        else:
-            log.warning("trainer.resume=true but %s does not exist: starting from epoch 0", path)
+        else:  # in a sweep (resume=true so that a requeued job resumes) this is every job's first start
+            level = logging.INFO if HydraConfig.get().mode == RunMode.MULTIRUN else logging.WARNING
+            log.log(level, "trainer.resume=true but %s does not exist: starting from epoch 0", path)
     seed_everything(cfg.seed)
     sparsity_fn, sparsity_weight = sparsity_of(cfg)
     schedule = instantiate_group(cfg, "schedule")
