@@ -221,15 +221,24 @@ def test_a_command_line_override_of_a_swept_key_replaces_its_grid(override, expe
         expected
 
 
-def test_slurm_preset_asks_for_one_gpu_per_job():
-    proc = run_cli("hydra/launcher=slurm_1gpu", "hydra.launcher.partition=gpu", "--cfg", "hydra", "--package",
-                   "hydra.launcher")
-    assert proc.returncode == 0, proc.stderr
-    launcher = yaml.safe_load(proc.stdout)  # the hydra.launcher node
-    assert launcher["_target_"] == "hydra_plugins.hydra_submitit_launcher.submitit_launcher.SlurmLauncher"
-    assert launcher["partition"] == "gpu" and launcher["gpus_per_node"] == 1
-    assert launcher["nodes"] == 1 and launcher["tasks_per_node"] == 1
-    assert launcher["max_num_timeout"] > 0 and launcher["array_parallelism"] >= 8
+def test_slurm_preset_renders_an_sbatch_array_with_one_gpu_per_job(tmp_path):
+    """The real launcher down to sbatch: a stand-in sbatch on PATH keeps the script and refuses to submit."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "sbatch").write_text('#!/bin/sh\ncp "$1" "$CAPTURED_SBATCH"\nexit 1\n')
+    (bin_dir / "srun").write_text("#!/bin/sh\nexit 0\n")  # submitit only checks that srun exists
+    for tool in bin_dir.iterdir():
+        tool.chmod(0o755)
+    script = tmp_path / "sbatch.sh"
+    proc = run_cli("experiment=sweep_sparsity", "dataset=synthetic", "hydra/launcher=slurm_1gpu",
+                   "hydra.launcher.partition=gpu", f"hydra.sweep.dir={tmp_path / 'sweep'}",
+                   env={"PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}", "CAPTURED_SBATCH": str(script)})
+    assert proc.returncode != 0 and script.exists(), proc.stderr
+    lines = script.read_text().splitlines()
+    for option in ("--array=0-7%8", "--gpus-per-node=1", "--nodes=1", "--ntasks-per-node=1", "--cpus-per-task=4",
+                   "--mem=16GB", "--partition=gpu", "--time=240", "--signal=USR2@120", "--job-name=codeq"):
+        assert f"#SBATCH {option}" in lines
+    assert lines[-1].endswith(f"{sys.executable} -u -m submitit.core._submit {tmp_path / 'sweep'}/.submitit/%j")
 
 
 def submitit_task_pid(sweep: Path, job_id: str) -> int:
@@ -272,7 +281,7 @@ def test_submitit_local_requeues_a_preempted_job_which_resumes_exactly(tmp_path,
         time.sleep(0.05)
     job_id = str(yaml.safe_load((job / ".hydra" / "hydra.yaml").read_text())["hydra"]["job"]["id"])
     os.kill(submitit_task_pid(sweep, job_id), signal.SIGUSR2)
-    out, err = proc.communicate(timeout=300)
+    _, err = proc.communicate(timeout=300)
 
     assert proc.returncode == 1 and "Traceback" not in err
     assert any(line.startswith("error: training diverged") for line in err.splitlines())
