@@ -25,10 +25,11 @@ from codeq.evaluator import Evaluator
 from codeq.quant import DeadZoneLDZCompander, attach_weight_quantizers, quantized_layers, split_param_groups
 
 EXCLUDE = ["conv1", "linear"]
+# each loss with its default strength λ from conf/sparsity/
 LOSSES = {
-    "group_lasso": sparsity.group_lasso_channels,
-    "group_lasso_blocks": sparsity.group_lasso_blocks(4),
-    "l1_kernel": sparsity.l1_kernel_sparsity,
+    "group_lasso": (sparsity.group_lasso_channels, 5e-4),
+    "group_lasso_blocks": (sparsity.group_lasso_blocks(4), 1e-3),
+    "l1_kernel": (sparsity.l1_kernel_sparsity, 3e-5),
 }
 
 
@@ -58,8 +59,8 @@ def build_model(depth: str, quantized: bool, device: torch.device) -> nn.Module:
     return model.to(device)
 
 
-def make_step(model: nn.Module, loss_fn, batch: int, device: torch.device, cached: bool) -> Callable[[], None]:
-    """One training step as the trainer takes it: forward, CE (+ 1e-4·sparsity), backward, AdamW."""
+def make_step(model: nn.Module, loss: tuple | None, batch: int, device: torch.device, cached: bool) -> Callable[[], None]:
+    """One training step as the trainer takes it: forward, CE (+ λ·sparsity for ``loss`` = (fn, λ)), backward, AdamW."""
     weights, dz, bit = split_param_groups(model)
     groups = [{"params": p} for p in (weights, dz, bit) if p]
     optimizer = torch.optim.AdamW(groups, lr=1e-3)
@@ -67,10 +68,11 @@ def make_step(model: nn.Module, loss_fn, batch: int, device: torch.device, cache
     y = torch.randint(0, 10, (batch,), device=device)
 
     def loss_and_backward() -> None:
-        loss = F.cross_entropy(model(x), y)
-        if loss_fn is not None:
-            loss = loss + 1e-4 * loss_fn(model)
-        loss.backward()
+        total = F.cross_entropy(model(x), y)
+        if loss is not None:
+            loss_fn, strength = loss
+            total = total + strength * loss_fn(model)
+        total.backward()
 
     def step() -> None:
         optimizer.zero_grad(set_to_none=True)
@@ -85,33 +87,26 @@ def make_step(model: nn.Module, loss_fn, batch: int, device: torch.device, cache
 
 
 def bench_training_step(batch: int, repeats: int, warmup: int, device: torch.device) -> dict:
-    """Plain vs dead-zone quantizers vs quantizers + group lasso (with and without parametrize.cached)."""
+    """Plain vs dead-zone quantizers vs quantizers + each sparsity loss, as the trainer steps (inside
+    parametrize.cached); group lasso also uncached, where the loss recomputes every quantizer."""
     variants = {
         "plain": make_step(build_model("resnet20", False, device), None, batch, device, cached=False),
         "deadzone": make_step(build_model("resnet20", True, device), None, batch, device, cached=True),
-        "deadzone+group_lasso": make_step(
-            build_model("resnet20", True, device), sparsity.group_lasso_channels, batch, device, cached=True),
-        "deadzone+group_lasso, uncached": make_step(
-            build_model("resnet20", True, device), sparsity.group_lasso_channels, batch, device, cached=False),
     }
+    for name, loss in LOSSES.items():
+        variants[f"deadzone+{name}"] = make_step(build_model("resnet20", True, device), loss, batch, device, cached=True)
+    variants["deadzone+group_lasso, uncached"] = make_step(
+        build_model("resnet20", True, device), LOSSES["group_lasso"], batch, device, cached=False)
     medians = alternate(variants, repeats, warmup, device)
     return {name: {"seconds": t, "ratio_to_plain": t / medians["plain"]} for name, t in medians.items()}
 
 
-def bench_evaluator_and_losses(repeats: int, warmup: int, device: torch.device) -> dict:
-    """The evaluator and each sparsity loss (forward + backward) against one training step at batch 128."""
-    dense = build_model("resnet20", False, device)
-    evaluator = Evaluator(dense, (3, 32, 32))
+def bench_evaluator(repeats: int, warmup: int, device: torch.device) -> dict:
+    """A full evaluation (structured + unstructured accounting) against one training step at batch 128."""
+    evaluator = Evaluator(build_model("resnet20", False, device), (3, 32, 32))
     model = build_model("resnet20", True, device)
-    step = make_step(model, None, 128, device, cached=True)
-
-    def loss_fb(fn) -> Callable[[], None]:
-        def run() -> None:
-            fn(model).backward()
-        return run
-
-    fns = {"training step": step, "evaluator": lambda: evaluator.evaluate(model)}
-    fns.update({f"loss {name}": loss_fb(fn) for name, fn in LOSSES.items()})
+    fns = {"training step": make_step(model, None, 128, device, cached=True),
+           "evaluator": lambda: evaluator.evaluate(model)}
     medians = alternate(fns, repeats, warmup, device)
     return {name: {"seconds": t, "ratio_to_step": t / medians["training step"]} for name, t in medians.items()}
 
@@ -159,10 +154,10 @@ def bench_data(repeats: int, size: int, device: torch.device, fashion_root: str 
 def _table(results: dict) -> str:
     lines = []
     for batch, rows in results["training_step"].items():
-        lines.append(f"training step, ResNet-20, batch {batch}")
+        lines.append(f"training step, ResNet-20, batch {batch} (a loss's cost: its row minus 'deadzone')")
         lines += [f"  {name:<34} {r['seconds'] * 1e3:9.1f} ms   {r['ratio_to_plain']:5.3f}x plain"
                   for name, r in rows.items()]
-    lines.append("evaluator and sparsity losses vs one training step (batch 128)")
+    lines.append("evaluator vs one training step (batch 128)")
     lines += [f"  {name:<34} {r['seconds'] * 1e3:9.1f} ms   {100 * r['ratio_to_step']:6.2f} % of a step"
               for name, r in results["vs_step"].items()]
     lines.append("scaling with depth (all quantizers fwd+bwd; full evaluation)")
@@ -193,7 +188,7 @@ def main(argv: list[str] | None = None) -> int:
         "machine": {"device": str(device), "torch": torch.__version__, "threads": torch.get_num_threads(),
                     "cpu": platform.processor() or platform.machine()},
         "training_step": {b: bench_training_step(b, args.repeats, args.warmup, device) for b in args.batches},
-        "vs_step": bench_evaluator_and_losses(args.repeats, args.warmup, device),
+        "vs_step": bench_evaluator(args.repeats, args.warmup, device),
         "scaling": bench_scaling(args.depths, max(1, args.repeats // 3), min(1, args.warmup), device),
         "data": bench_data(max(1, args.repeats // 5), args.data_size, device, fashion),
     }
