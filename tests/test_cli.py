@@ -26,17 +26,8 @@ ROW_KEYS = [
 ]
 # the 18 quantized block convs of ResNet-20 (conv1 and linear are excluded by default)
 QUANTIZED = [f"layer{s}.{b}.conv{c}" for s in (1, 2, 3) for b in (0, 1, 2) for c in (1, 2)]
-# One intra-op thread in every run (here and in subprocesses): on a shared 2-core machine two OpenMP threads
-# per process spin against each other and a step gets ~20x slower; it also makes runs comparable bit for bit.
+# Subprocesses get one intra-op thread too, as this process does (tests/conftest.py says why).
 ONE_THREAD = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def run_cli(*args, env=None, timeout=300):

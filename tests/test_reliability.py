@@ -15,7 +15,7 @@ import torch
 from codeq.checkpoint import CheckpointError, capture_rng_state, load_checkpoint, restore_rng_state, save_checkpoint
 from codeq.data import synthetic
 from codeq.rundir import RunFiles, read_metrics
-from test_cli import ONE_THREAD, REPO, TINY, one_thread, run_cli, run_in_process  # noqa: F401 (autouse fixture)
+from test_cli import ONE_THREAD, REPO, TINY, run_cli, run_in_process
 
 TRAINING = [*TINY, "trainer.epochs=4", "trainer.viz_interval=100", "sparsity=group_lasso"]
 RESUMABLE = [*TRAINING, "logger=none"]
@@ -62,11 +62,8 @@ def error_lines(stderr):
 def reference(tmp_path_factory):
     """An uninterrupted 4-epoch run, in this process; its rows are what every resumed run must reproduce."""
     run_dir = tmp_path_factory.mktemp("reference")
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
     with pytest.MonkeyPatch.context() as monkeypatch:
         assert run_in_process(*RESUMABLE, f"hydra.run.dir={run_dir}", monkeypatch=monkeypatch) == 0
-    torch.set_num_threads(threads)
     rows = read_metrics(run_dir / "metrics.jsonl")
     assert len(rows) == 4
     return stable(rows)

@@ -15,7 +15,7 @@ import yaml
 
 import codeq.loggers
 from codeq.rundir import read_metrics
-from test_cli import ONE_THREAD, REPO, TINY, one_thread, run_cli, run_in_process  # noqa: F401 (autouse fixture)
+from test_cli import ONE_THREAD, REPO, TINY, run_cli, run_in_process
 
 ONE_EPOCH = [*TINY, "trainer.epochs=1", "logger=none"]
 VOLATILE = ("time/", "train/images_per_s")
@@ -165,13 +165,10 @@ def sparsity_sweep(tmp_path_factory):
     """experiment=sweep_sparsity on tiny data, in this process, with the W&B identity of each job recorded."""
     sweep = tmp_path_factory.mktemp("sweep_sparsity")
     RecordingLogger.runs = []
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
     with pytest.MonkeyPatch.context() as monkeypatch:
         monkeypatch.setattr(codeq.loggers, "NullLogger", RecordingLogger)
         code = run_in_process("experiment=sweep_sparsity", *ONE_EPOCH, f"hydra.sweep.dir={sweep}",
                               monkeypatch=monkeypatch)
-    torch.set_num_threads(threads)
     return sweep, code, list(RecordingLogger.runs)
 
 

@@ -27,14 +27,6 @@ from codeq.trainer import (
 CPU = torch.device("cpu")
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """One intra-op thread: on a shared 2-core machine two OpenMP threads per process spin against each other."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 class TinyNet(nn.Module):
     """conv(1→4, 3×3) → ReLU → global average pool → linear(4→3); no BatchNorm, so eval = train math."""
