@@ -392,28 +392,33 @@ def _load_cifar(class_name: str, title: str, root, download: bool) -> tuple[Spli
     return _read_cifar_batches(train_files), _read_cifar_batches(test_files)
 
 
+def _cifar(class_name: str, title: str, classes: int, normalization, *, name, input_size, num_classes, root,
+           download, batch_size, num_workers, loader, augment, seed, device) -> DataModule:
+    """CIFAR-10 or CIFAR-100: validated arguments, the splits from ``root``, crop (4 px) + flip augmentation."""
+    _check_common(batch_size, num_workers, loader, augment, download, seed)
+    _check_fixed_shape(name, input_size, num_classes, (3, 32, 32), classes)
+    train, test = _load_cifar(class_name, title, root, download)
+    return DataModule(name=name, train=train, test=test, num_classes=classes, normalization=normalization,
+                      augmentation=Augmentation(4, True) if augment else None, batch_size=batch_size,
+                      num_workers=num_workers, loader=loader, seed=seed, device=device)
+
+
 def cifar10(*, name: str = "cifar10", input_size=(3, 32, 32), num_classes: int = 10, root="data",
             download: bool = False, batch_size: int = 512, num_workers: int = 2, loader: str = "auto",
             augment: bool = True, seed: int = 0, device="cpu") -> DataModule:
     """CIFAR-10 (50,000 / 10,000 images 3x32x32, 10 classes) from ``root/cifar-10-batches-py``."""
-    _check_common(batch_size, num_workers, loader, augment, download, seed)
-    _check_fixed_shape(name, input_size, num_classes, (3, 32, 32), 10)
-    train, test = _load_cifar("CIFAR10", "CIFAR-10", root, download)
-    return DataModule(name=name, train=train, test=test, num_classes=10, normalization=CIFAR10_NORMALIZATION,
-                      augmentation=Augmentation(4, True) if augment else None, batch_size=batch_size,
-                      num_workers=num_workers, loader=loader, seed=seed, device=device)
+    return _cifar("CIFAR10", "CIFAR-10", 10, CIFAR10_NORMALIZATION, name=name, input_size=input_size,
+                  num_classes=num_classes, root=root, download=download, batch_size=batch_size,
+                  num_workers=num_workers, loader=loader, augment=augment, seed=seed, device=device)
 
 
 def cifar100(*, name: str = "cifar100", input_size=(3, 32, 32), num_classes: int = 100, root="data",
              download: bool = False, batch_size: int = 512, num_workers: int = 2, loader: str = "auto",
              augment: bool = True, seed: int = 0, device="cpu") -> DataModule:
     """CIFAR-100 (50,000 / 10,000 images 3x32x32, 100 fine classes) from ``root/cifar-100-python``."""
-    _check_common(batch_size, num_workers, loader, augment, download, seed)
-    _check_fixed_shape(name, input_size, num_classes, (3, 32, 32), 100)
-    train, test = _load_cifar("CIFAR100", "CIFAR-100", root, download)
-    return DataModule(name=name, train=train, test=test, num_classes=100, normalization=CIFAR100_NORMALIZATION,
-                      augmentation=Augmentation(4, True) if augment else None, batch_size=batch_size,
-                      num_workers=num_workers, loader=loader, seed=seed, device=device)
+    return _cifar("CIFAR100", "CIFAR-100", 100, CIFAR100_NORMALIZATION, name=name, input_size=input_size,
+                  num_classes=num_classes, root=root, download=download, batch_size=batch_size,
+                  num_workers=num_workers, loader=loader, augment=augment, seed=seed, device=device)
 
 
 # ------------------------------------------------------------------------------- Fashion-MNIST
