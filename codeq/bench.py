@@ -1,15 +1,20 @@
 """``python -m codeq.bench``: what CoDeQ costs next to plain training, measured side by side.
 
 Every comparison runs in one process with its variants alternated round by round, warm-up rounds
-excluded, and reports the median of the repeats; ratios are taken between medians. The table goes
-to stdout and everything measured to a JSON file (``--out``).
+excluded, and reports the median of the repeats; ratios are taken between medians. The opt-in trainer
+comparison (``--trainer-runs N``) alternates whole CLI runs instead and reads the trainer's own epoch
+times. The table goes to stdout and everything measured to a JSON file (``--out``).
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import platform
 import statistics
+import subprocess
+import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Callable
@@ -22,7 +27,9 @@ from torch.nn.utils import parametrize
 from codeq import models, sparsity
 from codeq.data import synthetic
 from codeq.evaluator import Evaluator
-from codeq.quant import DeadZoneLDZCompander, attach_weight_quantizers, quantized_layers, split_param_groups
+from codeq.quant import DeadZoneLDZCompander, StackedFakeQuant, attach_weight_quantizers, quantized_layers
+from codeq.rundir import read_metrics
+from codeq.trainer import build_adamw
 
 EXCLUDE = ["conv1", "linear"]
 # each loss with its default strength λ from conf/sparsity/
@@ -59,44 +66,48 @@ def build_model(depth: str, quantized: bool, device: torch.device) -> nn.Module:
     return model.to(device)
 
 
-def make_step(model: nn.Module, loss: tuple | None, batch: int, device: torch.device, cached: bool) -> Callable[[], None]:
-    """One training step as the trainer takes it: forward, CE (+ λ·sparsity for ``loss`` = (fn, λ)), backward, AdamW."""
-    weights, dz, bit = split_param_groups(model)
-    groups = [{"params": p} for p in (weights, dz, bit) if p]
-    optimizer = torch.optim.AdamW(groups, lr=1e-3)
+QUANTIZED_WEIGHTS = {  # how a step computes its quantized weights, by variant
+    "stacked": lambda model: StackedFakeQuant(model).cached,  # as the trainer does
+    "layer by layer": lambda model: parametrize.cached,
+    "uncached": lambda model: contextlib.nullcontext,  # a loss reading module.weight re-runs every quantizer
+}
+
+
+def make_step(model: nn.Module, loss: tuple | None, batch: int, device: torch.device,
+              quantized_weights: str = "stacked") -> Callable[[], None]:
+    """One training step as the trainer takes it: forward, CE (+ λ·sparsity for ``loss`` = (fn, λ)), backward,
+    the trainer's AdamW; the quantized weights computed as ``QUANTIZED_WEIGHTS[quantized_weights]``."""
+    optimizer = build_adamw(model, lr=1e-3, weight_decay=0.0, lr_dz=1e-3, weight_decay_dz=0.01, lr_bit=1e-3,
+                            weight_decay_bit=0.01)
+    context = QUANTIZED_WEIGHTS[quantized_weights](model)
     x = torch.randn(batch, 3, 32, 32, device=device)
     y = torch.randint(0, 10, (batch,), device=device)
 
-    def loss_and_backward() -> None:
-        total = F.cross_entropy(model(x), y)
-        if loss is not None:
-            loss_fn, strength = loss
-            total = total + strength * loss_fn(model)
-        total.backward()
-
     def step() -> None:
+        with context():
+            total = F.cross_entropy(model(x), y)
+            if loss is not None:
+                loss_fn, strength = loss
+                total = total + strength * loss_fn(model)
         optimizer.zero_grad(set_to_none=True)
-        if cached:
-            with parametrize.cached():
-                loss_and_backward()
-        else:
-            loss_and_backward()
+        total.backward()
         optimizer.step()
 
     return step
 
 
 def bench_training_step(batch: int, repeats: int, warmup: int, device: torch.device) -> dict:
-    """Plain vs dead-zone quantizers vs quantizers + each sparsity loss, as the trainer steps (inside
-    parametrize.cached); group lasso also uncached, where the loss recomputes every quantizer."""
+    """Plain vs dead-zone quantizers vs quantizers + each sparsity loss, as the trainer steps (all quantized
+    weights in one stacked pass); group lasso also with the quantizers layer by layer, and uncached."""
     variants = {
-        "plain": make_step(build_model("resnet20", False, device), None, batch, device, cached=False),
-        "deadzone": make_step(build_model("resnet20", True, device), None, batch, device, cached=True),
+        "plain": make_step(build_model("resnet20", False, device), None, batch, device),
+        "deadzone": make_step(build_model("resnet20", True, device), None, batch, device),
     }
     for name, loss in LOSSES.items():
-        variants[f"deadzone+{name}"] = make_step(build_model("resnet20", True, device), loss, batch, device, cached=True)
-    variants["deadzone+group_lasso, uncached"] = make_step(
-        build_model("resnet20", True, device), LOSSES["group_lasso"], batch, device, cached=False)
+        variants[f"deadzone+{name}"] = make_step(build_model("resnet20", True, device), loss, batch, device)
+    for how in ("layer by layer", "uncached"):
+        variants[f"deadzone+group_lasso, {how}"] = make_step(
+            build_model("resnet20", True, device), LOSSES["group_lasso"], batch, device, how)
     medians = alternate(variants, repeats, warmup, device)
     return {name: {"seconds": t, "ratio_to_plain": t / medians["plain"]} for name, t in medians.items()}
 
@@ -105,7 +116,7 @@ def bench_evaluator(repeats: int, warmup: int, device: torch.device) -> dict:
     """A full evaluation (structured + unstructured accounting) against one training step at batch 128."""
     evaluator = Evaluator(build_model("resnet20", False, device), (3, 32, 32))
     model = build_model("resnet20", True, device)
-    fns = {"training step": make_step(model, None, 128, device, cached=True),
+    fns = {"training step": make_step(model, None, 128, device),
            "evaluator": lambda: evaluator.evaluate(model)}
     medians = alternate(fns, repeats, warmup, device)
     return {name: {"seconds": t, "ratio_to_step": t / medians["training step"]} for name, t in medians.items()}
@@ -117,10 +128,13 @@ def bench_scaling(depths: list[str], repeats: int, warmup: int, device: torch.de
     for depth in depths:
         model = build_model(depth, True, device)
         evaluator = Evaluator(build_model(depth, False, device), (3, 32, 32))
-        layers = [(fq.quantizer, module.parametrizations.weight.original) for _, module, fq in quantized_layers(model)]
+        layers = [module for _, module, _ in quantized_layers(model)]
+        stacked = StackedFakeQuant(model)
 
         def quantizers() -> None:
-            torch.stack([q(w).sum() for q, w in layers]).sum().backward()
+            with stacked.cached():
+                total = torch.stack([module.weight.sum() for module in layers]).sum()
+            total.backward()
 
         medians = alternate({"quantizers": quantizers, "evaluator": lambda: evaluator.evaluate(model)},
                             repeats, warmup, device)
@@ -151,6 +165,33 @@ def bench_data(repeats: int, size: int, device: torch.device, fashion_root: str 
     return results
 
 
+TRAINER_VARIANTS = {"plain": ["quantizer=none", "sparsity=none"], "codeq": ["quantizer=deadzone", "sparsity=group_lasso"]}
+
+
+def bench_trainer(runs: int, images: int, batch: int, device: torch.device, overrides: list[str]) -> dict:
+    """The step target as the trainer measures it: ``time/train_s`` of the warm epochs (2 and 3 of 3) of
+    ``python -m codeq.main`` on synthetic CIFAR-shaped data, plain vs CoDeQ (dead-zone + group lasso),
+    ``runs`` runs of each, alternated; medians over all warm epochs."""
+    common = ["dataset=synthetic", f"dataset.train_size={images}", "dataset.test_size=256",
+              f"dataset.batch_size={batch}", "trainer.epochs=3", "trainer.viz_interval=100", "logger=none",
+              f"trainer.device={device.type}", *overrides]
+    times: dict[str, list[float]] = {name: [] for name in TRAINER_VARIANTS}
+    with tempfile.TemporaryDirectory(prefix="codeq-bench-") as work:
+        for run in range(runs):
+            for name, variant in TRAINER_VARIANTS.items():
+                run_dir = Path(work) / f"{name}-{run}"
+                command = [sys.executable, "-m", "codeq.main", *common, *variant, f"hydra.run.dir={run_dir}"]
+                done = subprocess.run(command, capture_output=True, text=True)
+                if done.returncode != 0:
+                    last = (done.stderr.strip().splitlines() or ["(no output)"])[-1]
+                    raise RuntimeError(f"trainer run failed ({' '.join(command[1:])}): {last}")
+                times[name] += [row["time/train_s"] for row in read_metrics(run_dir / "metrics.jsonl")[1:]]
+    medians = {name: statistics.median(t) for name, t in times.items()}
+    return {"command": "python -m codeq.main " + " ".join(common), "variants": TRAINER_VARIANTS,
+            "epoch_s": times, **{f"{name}_s": t for name, t in medians.items()},
+            "ratio": medians["codeq"] / medians["plain"]}
+
+
 def _table(results: dict) -> str:
     lines = []
     for batch, rows in results["training_step"].items():
@@ -165,6 +206,10 @@ def _table(results: dict) -> str:
               f"   evaluator {r['evaluator_s'] * 1e3:8.1f} ms" for depth, r in results["scaling"].items()]
     lines.append("data pipeline with augmentation")
     lines += [f"  {name:<34} {r['images_per_s']:12,.0f} images/s" for name, r in results["data"].items()]
+    if "trainer" in results:
+        r = results["trainer"]
+        lines.append("trainer: time/train_s of a warm epoch (median), CoDeQ = dead-zone + group lasso")
+        lines.append(f"  plain {r['plain_s']:.2f} s   codeq {r['codeq_s']:.2f} s   {r['ratio']:5.3f}x plain")
     return "\n".join(lines)
 
 
@@ -179,6 +224,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--data-size", type=int, default=20_000, help="synthetic images per data-benchmark epoch")
     parser.add_argument("--fashion-root", default="/usr/share/datasets/fashion-mnist",
                         help="Fashion-MNIST location for the data benchmark ('' to skip)")
+    parser.add_argument("--trainer-runs", type=int, default=0,
+                        help="CLI training runs of plain and of CoDeQ, alternated, for the trainer comparison (0: skip)")
+    parser.add_argument("--trainer-images", type=int, default=5120, help="synthetic training images per epoch there")
+    parser.add_argument("--trainer-batch", type=int, default=128, help="batch size there")
+    parser.add_argument("--trainer-overrides", nargs="*", default=[],
+                        help="extra overrides for those runs (e.g. dataset.loader=device trainer.precision=bf16)")
     parser.add_argument("--out", default="bench.json", help="JSON file for every number measured")
     args = parser.parse_args(argv)
     device = torch.device(args.device)
@@ -192,10 +243,18 @@ def main(argv: list[str] | None = None) -> int:
         "scaling": bench_scaling(args.depths, max(1, args.repeats // 3), min(1, args.warmup), device),
         "data": bench_data(max(1, args.repeats // 5), args.data_size, device, fashion),
     }
+    status = 0
+    if args.trainer_runs > 0:
+        try:
+            results["trainer"] = bench_trainer(args.trainer_runs, args.trainer_images, args.trainer_batch, device,
+                                               args.trainer_overrides)
+        except RuntimeError as exc:  # the other comparisons are still reported
+            print(f"error: {exc}", file=sys.stderr)
+            status = 1
     print(_table(results))
     Path(args.out).write_text(json.dumps(results, indent=2))
     print(f"wrote {args.out}")
-    return 0
+    return status
 
 
 if __name__ == "__main__":

@@ -32,7 +32,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 from torch.utils._pytree import tree_leaves, tree_map
 
-from codeq.quant.parametrize import QUANTIZABLE, fake_quant_of
+from codeq.quant.parametrize import QUANTIZABLE, StackedFakeQuant, fake_quant_of
 
 log = logging.getLogger(__name__)
 
@@ -151,8 +151,8 @@ def _get_layer_quant_info(module: nn.Module) -> LayerQuantInfo:
 
 
 def collect_layer_quant_info(model: nn.Module) -> dict[str, LayerQuantInfo]:
-    """``_get_layer_quant_info`` of every Conv/Linear layer, each quantized weight computed once."""
-    with torch.no_grad(), parametrize.cached():
+    """``_get_layer_quant_info`` of every Conv/Linear layer, the quantized weights computed once, stacked."""
+    with torch.no_grad(), StackedFakeQuant(model).cached():
         return {name: _get_layer_quant_info(m) for name, m in model.named_modules() if isinstance(m, QUANTIZABLE)}
 
 

@@ -2,15 +2,16 @@
 
 Each loss reads ``module.weight`` of every Conv (and, with ``include_linear``, Linear) layer. With
 quantizers attached that is the effective (quantized) weight, so gradients reach the latent weights
-and the dead-zone logits; evaluate the loss inside ``torch.nn.utils.parametrize.cached()`` together
-with the forward pass and the quantizers run once per step instead of twice.
+and the dead-zone logits; evaluate the loss inside the forward pass's ``StackedFakeQuant(model).cached()``
+(as the trainer does) or ``parametrize.cached()``, and the quantizers run once per step instead of twice.
 
-Every loss is vectorised per layer (no Python loop over channels or blocks) and has a finite
-subgradient, 0, at an all-zero group: dead channels are what these losses are for.
+Every loss is vectorised (no Python loop over channels or blocks, one norm per row length rather than
+per layer) and has a finite subgradient, 0, at an all-zero group: dead channels are what these losses are for.
 """
 from __future__ import annotations
 
-from typing import Callable, Iterator
+from collections import defaultdict
+from typing import Callable, Iterable, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -44,21 +45,27 @@ def _device_of(model: nn.Module) -> torch.device:
     return torch.device("cpu")
 
 
-def _total(model: nn.Module, terms: list[torch.Tensor]) -> torch.Tensor:
-    """Sum of the per-layer terms; a zero scalar on the model's device when there are none."""
-    if not terms:
+def _sum_of_row_norms(model: nn.Module, row_sets: Iterable[torch.Tensor]) -> torch.Tensor:
+    """Σ ‖row‖₂ over the rows of every [N, n] tensor in ``row_sets``; zero on the model's device when empty.
+
+    Row sets of equal row length are concatenated first: one norm per row length, not one per layer.
+    """
+    by_length: dict[int, list[torch.Tensor]] = defaultdict(list)
+    for rows in row_sets:
+        by_length[rows.shape[1]].append(rows)
+    if not by_length:
         return torch.zeros((), device=_device_of(model))
-    return torch.stack(terms).sum()
+    sums = [row_l2_norms(torch.cat(rows) if len(rows) > 1 else rows[0]).sum() for rows in by_length.values()]
+    return torch.stack(sums).sum() if len(sums) > 1 else sums[0]
 
 
 def row_l2_norms(rows: torch.Tensor) -> torch.Tensor:
     """‖row‖₂ for each row of a 2-D tensor, with gradient 0 (not NaN) at an all-zero row.
 
-    sqrt(Σx²) has an infinite derivative at 0; the double ``where`` keeps it out of the graph there.
+    PyTorch's norm backward, x·g/‖x‖, is defined as 0 where ‖x‖ = 0: the subgradient that lets a
+    dead group stay dead.
     """
-    squares = rows.square().sum(dim=1)
-    nonzero = squares > 0
-    return torch.where(nonzero, torch.where(nonzero, squares, 1.0).sqrt(), 0.0)
+    return torch.linalg.vector_norm(rows, dim=1)
 
 
 def no_sparsity(model: nn.Module) -> torch.Tensor:
@@ -72,8 +79,7 @@ def group_lasso_channels(model: nn.Module, include_linear: bool = False) -> torc
     Drives whole output filters to zero (channel pruning); with ``include_linear`` also Linear rows.
     """
     _check_include_linear(include_linear)
-    terms = [row_l2_norms(w.flatten(1)).sum() for w in _penalised_weights(model, include_linear)]
-    return _total(model, terms)
+    return _sum_of_row_norms(model, (w.flatten(1) for w in _penalised_weights(model, include_linear)))
 
 
 def _channel_blocks(weight: torch.Tensor, block_size: int) -> torch.Tensor:
@@ -101,11 +107,8 @@ def group_lasso_blocks(block_size: int = 4, include_linear: bool = False) -> Spa
     _check_include_linear(include_linear)
 
     def loss(model: nn.Module) -> torch.Tensor:
-        terms = [
-            row_l2_norms(_channel_blocks(w, block_size)).sum()
-            for w in _penalised_weights(model, include_linear)
-        ]
-        return _total(model, terms)
+        blocks = (_channel_blocks(w, block_size) for w in _penalised_weights(model, include_linear))
+        return _sum_of_row_norms(model, blocks)
 
     return loss
 
@@ -117,5 +120,7 @@ def l1_kernel_sparsity(model: nn.Module, include_linear: bool = False) -> torch.
     is plain L1 on Conv weights (and on Linear weights, whose kernels are single entries, when asked).
     """
     _check_include_linear(include_linear)
-    terms = [w.abs().sum() for w in _penalised_weights(model, include_linear)]
-    return _total(model, terms)
+    flat = [w.flatten() for w in _penalised_weights(model, include_linear)]
+    if not flat:
+        return torch.zeros((), device=_device_of(model))
+    return torch.cat(flat).abs().sum()

@@ -27,7 +27,7 @@ from codeq import evaluator as plots
 from codeq.checkpoint import CHECKPOINT_FILE, CheckpointError, capture_rng_state, restore_rng_state, save_checkpoint
 from codeq.errors import ConfigError
 from codeq.loggers import Logger
-from codeq.quant import split_param_groups
+from codeq.quant import StackedFakeQuant, split_param_groups
 from codeq.rundir import RunFiles, atomic_write_bytes
 
 log = logging.getLogger(__name__)
@@ -108,7 +108,8 @@ def build_adamw(
         {"name": "deadzone", "params": [p for p in dz if p.requires_grad], "lr": lr_dz, "weight_decay": weight_decay_dz},
         {"name": "bits", "params": [p for p in bit if p.requires_grad], "lr": lr_bit, "weight_decay": weight_decay_bit},
     ]
-    return torch.optim.AdamW([g for g in groups if g["params"]], betas=betas)
+    # fused: one kernel per parameter instead of ~10 (CPU and CUDA), 3-4x cheaper on ResNet-20's 95 tensors
+    return torch.optim.AdamW([g for g in groups if g["params"]], betas=betas, fused=True)
 
 
 def compression_figures(model: nn.Module, result: plots.EvalResult, sparsity_layer: str) -> dict[str, Figure]:
@@ -191,6 +192,8 @@ class Trainer:
         self.config = config
         self.model = model
         self.forward = torch.compile(model) if config.compile else model
+        # each step's quantized weights, computed once; eager stacks like layers, torch.compile fuses them itself
+        self.quantized_weights = parametrize.cached if config.compile else StackedFakeQuant(model).cached
         self.data = data
         self.optimizer = optimizer
         self.lr_scheduler = lr_scheduler
@@ -319,7 +322,7 @@ class Trainer:
                 continue  # replaying a stopped epoch: these batches were trained on before the checkpoint
             if self.config.channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
-            with parametrize.cached(), self._autocast():
+            with self.quantized_weights(), self._autocast():
                 logits = self.forward(x)
                 ce = F.cross_entropy(logits, y)
                 if self.sparsity_fn is None:
@@ -385,7 +388,7 @@ class Trainer:
         self.model.eval()
         sums = torch.zeros(2, device=self.device)
         seen = 0
-        with parametrize.cached(), self._autocast():
+        with self.quantized_weights(), self._autocast():
             for x, y in self.data.test_batches():
                 if self.config.channels_last:
                     x = x.contiguous(memory_format=torch.channels_last)

@@ -4,11 +4,15 @@ import logging
 import pytest
 import torch
 from torch import nn
+from torch.nn.utils import parametrize
 
 from codeq.models import resnet20
+from codeq.quant import quantizer as quantizer_module
+from codeq.quant.quantizer import _quantile_of_rows
 from codeq.quant import (
     DeadZoneLDZCompander,
     FakeQuantParametrization,
+    StackedFakeQuant,
     UniformSymmetric,
     attach_weight_quantizers,
     quantized_layers,
@@ -183,3 +187,147 @@ def test_model_trains_through_quantizers():
     assert conv.parametrizations.weight.original.grad is not None
     assert conv.parametrizations.weight[0].quantizer.logit_dz.grad is not None
     assert conv.parametrizations.weight[0].quantizer.logit_bit.grad is not None
+
+
+@pytest.mark.parametrize("n", [7, 100, 8191, 8192, 36864, 36867, 100_003])
+@pytest.mark.parametrize("kind", ["normal", "ties", "mostly zeros", "sorted"])
+def test_quantile_of_rows_is_torch_quantile(n, kind, monkeypatch):
+    """Long rows (n >= 8192) take the chunk pre-selection; it must not change a single bit."""
+    torch.manual_seed(n)
+    rows = torch.randn(3, n).abs()
+    if kind == "ties":
+        rows = torch.randint(0, 4, (3, n)).float()
+    elif kind == "mostly zeros":
+        rows[:, 5:] = 0
+    elif kind == "sorted":
+        rows = rows.sort(dim=1).values
+    quantile = _quantile_of_rows(rows)
+    torch.testing.assert_close(quantile, torch.quantile(rows, 0.99, dim=1), rtol=1e-5, atol=1e-6)
+    monkeypatch.setattr(quantizer_module, "_PRESELECT_FROM", 10**12)  # every row by one full top-k
+    assert torch.equal(quantile, _quantile_of_rows(rows))
+
+
+def _stack_case(learned_bits=True):
+    """Seven layers in three shapes with different logits each, as three stacks in row order."""
+    torch.manual_seed(3)
+    shapes = [(16, 8, 3, 3)] * 3 + [(10, 64)] * 2 + [(128, 64, 3, 3)] * 2  # the last: 73,728 (pre-selected)
+    weights = [torch.randn(shape) * (i + 1) for i, shape in enumerate(shapes)]
+    logits = [(0.2 + 0.4 * i, 2.5 - 0.35 * i) for i in range(len(shapes))]
+    quantizers = [DeadZoneLDZCompander(init_deadzone_logit=dz, init_bit_logit=bit, learnable_bit=learned_bits)
+                  for dz, bit in logits]
+    return weights, logits, quantizers
+
+
+@pytest.mark.parametrize("learned_bits", [True, False])
+def test_stacked_quantization_matches_the_reference_layer_by_layer(learned_bits):
+    weights, logits, quantizers = _stack_case(learned_bits)
+    latents = [w.clone().requires_grad_() for w in weights]
+    stacks = [torch.stack(latents[0:3]), torch.stack(latents[3:5]), torch.stack(latents[5:7])]
+    outs = DeadZoneLDZCompander.quantize_stacked(quantizers, stacks)
+    rows = [row for out in outs for row in out.unbind(0)]
+    upstream = [torch.randn(w.shape) for w in weights]
+    sum((row * g).sum() for row, g in zip(rows, upstream)).backward()
+
+    for i, (w0, (dz, bit), g) in enumerate(zip(weights, logits, upstream)):
+        w_ref = w0.clone().requires_grad_()
+        dz_ref = torch.tensor(dz, requires_grad=True)
+        bit_ref = torch.tensor(bit, requires_grad=True)
+        ref = reference_deadzone(w_ref, dz_ref, bit_ref, learned_bits=learned_bits)
+        (ref * g).sum().backward()
+        torch.testing.assert_close(rows[i], ref, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(latents[i].grad, w_ref.grad, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(quantizers[i].logit_dz.grad, dz_ref.grad, rtol=1e-3, atol=1e-5)
+        if learned_bits:
+            torch.testing.assert_close(quantizers[i].logit_bit.grad, bit_ref.grad, rtol=1e-3, atol=1e-5)
+        else:
+            assert quantizers[i].logit_bit.grad is None
+
+
+def test_stacked_quantization_equals_one_layer_at_a_time_exactly():
+    weights, _, quantizers = _stack_case()
+    stacks = [torch.stack(weights[0:3]), torch.stack(weights[3:5]), torch.stack(weights[5:7])]
+    with torch.no_grad():
+        rows = [row for out in DeadZoneLDZCompander.quantize_stacked(quantizers, stacks) for row in out]
+        for row, quantizer, w in zip(rows, quantizers, weights):
+            assert torch.equal(row, quantizer(w))
+
+
+def _mixed_model():
+    """ResNet-20 with three kinds of quantized layers: learned bits (layer1, layer3.1-2), fixed 3 bits (layer2),
+    uniform 4 bits (layer3.0)."""
+    torch.manual_seed(0)
+    model = resnet20()
+    attach_weight_quantizers(model, ["conv1", "linear", "layer2.*", "layer3.0.*"], DeadZoneLDZCompander,
+                             {"init_bit_logit": 0.5, "init_deadzone_logit": 1.0})
+    attach_weight_quantizers(model, ["conv1", "linear", "layer1.*", "layer3.*"], DeadZoneLDZCompander,
+                             {"learnable_bit": False, "fixed_bit_val": 3})
+    attach_weight_quantizers(model, ["conv1", "linear", "layer1.*", "layer2.*", "layer3.1.*", "layer3.2.*"],
+                             UniformSymmetric, {"bitwidth": 4})
+    for i, (_, _, fq) in enumerate(quantized_layers(model)):
+        if isinstance(fq.quantizer, DeadZoneLDZCompander):
+            fq.quantizer.logit_dz.data.fill_(0.3 + 0.1 * i)
+    return model
+
+
+def _step_grads(model, context):
+    model.zero_grad(set_to_none=True)
+    x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    with context():
+        weights = {name: module.weight.detach().clone() for name, module, _ in quantized_layers(model)}
+        loss = model(x).square().mean() + sum(module.weight.abs().sum() for _, module, _ in quantized_layers(model))
+    loss.backward()
+    return weights, {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
+
+
+def test_stacked_fake_quant_gives_the_weights_and_gradients_of_parametrize_cached(caplog):
+    model = _mixed_model()
+    model.train()
+    stacked = StackedFakeQuant(model)
+    toggle_quantization(model, True)
+    model.layer1[1].conv2.parametrizations.weight[0].enabled = False  # a disabled layer keeps its latent weight
+    weights, grads = _step_grads(model, stacked.cached)
+    ref_weights, ref_grads = _step_grads(model, parametrize.cached)
+    assert weights.keys() == ref_weights.keys() and len(weights) == 18
+    for name in weights:
+        torch.testing.assert_close(weights[name], ref_weights[name], rtol=0, atol=0)
+    assert grads.keys() == ref_grads.keys()
+    for name in grads:
+        torch.testing.assert_close(grads[name], ref_grads[name], rtol=1e-5, atol=1e-6)
+    assert torch.equal(weights["layer1.1.conv2"], model.layer1[1].conv2.parametrizations.weight.original)
+    assert all(fq.precomputed is None for _, _, fq in quantized_layers(model))
+
+
+def test_stacked_fake_quant_quantizes_once_per_kind_and_forgets_on_exit():
+    model = _mixed_model()
+    stacked = StackedFakeQuant(model)
+    calls = []
+    original = DeadZoneLDZCompander.quantize_stacked.__func__
+
+    def counting(cls, quantizers, stacks):
+        calls.append(([tuple(s.shape) for s in stacks], quantizers[0].learnable_bit))
+        return original(cls, quantizers, stacks)
+
+    DeadZoneLDZCompander.quantize_stacked = classmethod(counting)
+    try:
+        with pytest.raises(RuntimeError, match="boom"), stacked.cached():
+            model(torch.randn(1, 3, 32, 32))
+            raise RuntimeError("boom")
+    finally:
+        DeadZoneLDZCompander.quantize_stacked = classmethod(original)
+    # one call per kind: learned bits (layer1 and layer3.1-2: 2 shapes), fixed bits (layer2: 2 shapes), stacks
+    # in model order; layer3.0's uniform quantizers are not stackable and run one by one
+    assert sorted(calls, key=lambda c: c[1]) == [
+        ([(1, 32, 16, 3, 3), (5, 32, 32, 3, 3)], False),
+        ([(6, 16, 16, 3, 3), (4, 64, 64, 3, 3)], True),
+    ]
+    assert all(fq.precomputed is None for _, _, fq in quantized_layers(model))
+
+
+def test_stacked_fake_quant_handles_channels_last_weights():
+    model = _mixed_model().to(memory_format=torch.channels_last)
+    with torch.no_grad():
+        with StackedFakeQuant(model).cached():
+            stacked = {name: module.weight.clone() for name, module, _ in quantized_layers(model)}
+        with parametrize.cached():
+            for name, module, _ in quantized_layers(model):
+                assert torch.equal(stacked[name], module.weight)

@@ -72,13 +72,16 @@ class TinyData:
 
 
 class CountingDeadZone(DeadZoneLDZCompander):
-    """Counts forward calls (how often the quantizer math runs)."""
+    """Counts layer quantizations (how often the quantizer math runs), one by one or stacked."""
 
     calls = 0
+    stacked_calls = 0
 
-    def forward(self, w):
-        CountingDeadZone.calls += 1
-        return super().forward(w)
+    @classmethod
+    def quantize_stacked(cls, quantizers, stacks):
+        CountingDeadZone.calls += len(quantizers)
+        CountingDeadZone.stacked_calls += 1
+        return super().quantize_stacked(quantizers, stacks)
 
 
 def make_trainer(run_dir, *, epochs=2, data=None, sparsity_fn=None, weight=0.0, schedule=None, lr=1e-2,
@@ -140,6 +143,7 @@ def test_each_quantizer_runs_once_per_step_even_with_a_sparsity_loss(tmp_path):
     trainer.fit(logger(tmp_path))
     # 3 steps; between two batches the step ran the 2 quantized layers' quantizers exactly once each
     assert [b - a for a, b in zip(seen, seen[1:])] == [2, 2]
+    assert CountingDeadZone.stacked_calls > 0  # the trainer quantizes through StackedFakeQuant
 
 
 def test_accuracy_and_loss_are_exact_means(tmp_path):

@@ -1,6 +1,7 @@
 """CoDeQ weight quantizers and the helpers that attach them to a model."""
 from codeq.quant.parametrize import (
     FakeQuantParametrization,
+    StackedFakeQuant,
     attach_weight_quantizers,
     fake_quant_of,
     quantized_layers,
@@ -13,6 +14,7 @@ __all__ = [
     "DeadZoneLDZCompander",
     "UniformSymmetric",
     "FakeQuantParametrization",
+    "StackedFakeQuant",
     "attach_weight_quantizers",
     "fake_quant_of",
     "quantized_layers",

@@ -1,8 +1,10 @@
 """Attach quantizers to Conv/Linear weights as parametrizations, toggle them, split optimizer groups."""
 from __future__ import annotations
 
+import contextlib
 import fnmatch
 import logging
+from collections import defaultdict
 from typing import Callable, Iterable, Iterator
 
 import torch
@@ -21,9 +23,14 @@ class FakeQuantParametrization(nn.Module):
         super().__init__()
         self.quantizer = quantizer
         self.enabled = enabled
+        self.precomputed: torch.Tensor | None = None  # set only inside StackedFakeQuant.cached()
 
     def forward(self, weight: torch.Tensor) -> torch.Tensor:
-        return self.quantizer(weight) if self.enabled else weight
+        if not self.enabled:
+            return weight
+        if self.precomputed is not None:
+            return self.precomputed
+        return self.quantizer(weight)
 
 
 def _is_excluded(name: str, patterns: Iterable[str]) -> bool:
@@ -97,3 +104,43 @@ def split_param_groups(model: nn.Module) -> tuple[list[nn.Parameter], list[nn.Pa
         else:
             weights.append(param)
     return weights, dz, bit
+
+
+class StackedFakeQuant:
+    """``parametrize.cached()`` for a fake-quantized model, with its quantized weights computed in stacked passes.
+
+    Inside ``cached()`` every quantized weight is computed once, as with ``parametrize.cached()``. Layers whose
+    quantizers offer ``quantize_stacked`` are quantized together, one call per quantizer class, ``stack_key``,
+    dtype and device, with the weights of one shape stacked (ResNet-20's 18 block convs: one call, 5 stacks);
+    other quantizers run one by one on first use. The layers are looked up once, here: build it after
+    attaching the quantizers.
+    """
+
+    def __init__(self, model: nn.Module):
+        self.layers = [(fq, module.parametrizations["weight"]) for _, module, fq in quantized_layers(model)]
+
+    def _batches(self) -> list[dict[torch.Size, list[tuple[FakeQuantParametrization, torch.Tensor]]]]:
+        """The stackable layers, by quantize_stacked call and, inside one, by weight shape."""
+        batches: dict[tuple, dict] = defaultdict(lambda: defaultdict(list))
+        for fq, chain in self.layers:
+            if fq.enabled and len(chain) == 1 and hasattr(fq.quantizer, "quantize_stacked"):
+                w = chain.original
+                batches[(type(fq.quantizer), fq.quantizer.stack_key(), w.dtype, w.device)][w.shape].append((fq, w))
+        return list(batches.values())
+
+    @contextlib.contextmanager
+    def cached(self) -> Iterator[None]:
+        with parametrize.cached():
+            try:
+                for by_shape in self._batches():
+                    layers = [layer for same_shape in by_shape.values() for layer in same_shape]
+                    stacks = [torch.stack([w for _, w in same_shape]) if len(same_shape) > 1
+                              else same_shape[0][1].unsqueeze(0) for same_shape in by_shape.values()]
+                    quantizers = [fq.quantizer for fq, _ in layers]
+                    w_hats = type(quantizers[0]).quantize_stacked(quantizers, stacks)
+                    for (fq, _), w_hat in zip(layers, (row for stack in w_hats for row in stack.unbind(0))):
+                        fq.precomputed = w_hat
+                yield
+            finally:
+                for fq, _ in self.layers:
+                    fq.precomputed = None

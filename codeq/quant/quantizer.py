@@ -7,8 +7,10 @@ from __future__ import annotations
 
 import functools
 import math
+from typing import Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 
@@ -23,18 +25,37 @@ def clamp_ste(x: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor) -> torch.Tens
 
 
 def robust_absmax(w: torch.Tensor, q: float = 0.99) -> torch.Tensor:
-    """The q-quantile of |w| (linear interpolation, as torch.quantile), without gradient.
-
-    Reads the two order statistics it needs from a top-k of the largest |w| (k ≈ (1−q)·n): faster
-    than torch.quantile's full sort and free of its 2**24-element limit.
-    """
+    """The q-quantile of |w| (linear interpolation, as torch.quantile), without gradient."""
     with torch.no_grad():
-        flat = w.detach().abs().flatten()
-        pos = q * (flat.numel() - 1)
-        low = math.floor(pos)
-        # descending, so the last two are ranks low+1 and low (one value when low is the maximum's rank)
-        pair = torch.topk(flat, flat.numel() - low, sorted=True).values[-2:]
-        return torch.lerp(pair[-1], pair[0], pos - low)
+        return _quantile_of_rows(w.detach().abs().reshape(1, -1), q)[0]
+
+
+_CHUNK = 8  # values per chunk in _quantile_of_rows' pre-selection
+_PRESELECT_FROM = 8192  # row length from which pre-selecting is faster (measured on CPU)
+
+
+def _quantile_of_rows(magnitudes: torch.Tensor, q: float = 0.99) -> torch.Tensor:
+    """The q-quantile of each row of a non-negative [G, n] tensor, as torch.quantile computes it.
+
+    It needs two order statistics, both among the k = n − ⌊q·(n−1)⌋ largest values, read off a top-k
+    (faster than torch.quantile's full sort, and free of its 2**24-element limit). Long rows pre-select:
+    split a row into n/8 chunks; every one of its k largest values lies in one of the k chunks with the
+    largest maxima (a value outside them has k larger-or-equal chunk maxima above it), so the top-k of
+    those 8·k candidates has the same values. Padding zeros cannot change a top-k of values ≥ 0.
+    """
+    rows, n = magnitudes.shape
+    pos = q * (n - 1)
+    low = math.floor(pos)
+    k = n - low
+    candidates = magnitudes
+    if n >= _PRESELECT_FROM and 4 * _CHUNK * k <= n:
+        padded = F.pad(magnitudes, (0, -n % _CHUNK))
+        chunks = padded.view(rows, _CHUNK, -1)  # chunk j = entries j, j + n/8, ...: max over contiguous slabs
+        top_chunks = chunks.amax(dim=1).topk(k, dim=1, sorted=False).indices
+        candidates = chunks.gather(2, top_chunks.unsqueeze(1).expand(rows, _CHUNK, k)).view(rows, -1)
+    # descending, so the last two are ranks low+1 and low (one value when low is the maximum's rank)
+    pair = torch.topk(candidates, k, dim=1, sorted=True).values[:, -2:]
+    return torch.lerp(pair[:, -1], pair[:, 0], pos - low)
 
 
 _CONSTANTS = (1.0, 0.5, 1e-8)
@@ -54,8 +75,11 @@ def _constants(dtype: torch.dtype, device: torch.device) -> tuple[torch.Tensor |
 
 
 class _DeadZoneLDZ(torch.autograd.Function):
-    """The whole dead-zone quantizer ŵ(w, θ_dz, θ_bit) as one autograd node (forward math without autograd).
+    """The dead-zone quantizer ŵ(w, θ_dz, θ_bit) of L layers as one autograd node (forward without autograd).
 
+    Inputs: logits θ_dz, θ_bit [L] and the weights as stacks, layers of one shape stacked [G, ...] (Σ G = L,
+    rows in the logits' order); one output per stack. The per-layer scalar math runs once on length-L vectors
+    and the elementwise math once per stack, so 18 layers in 5 shapes cost about the ops of 5 layers.
     Forward: absmax = 0.99-quantile of |w|, d = 2·absmax·(1 − |tanh θ_dz|), b = round(|tanh θ_bit|·span + 2)
     (or the fixed b), Q = 2^(b−1) − 1, s = (absmax − d/2)/(Q − ½) + 1e-8, δ = d/2 − s/2,
     u = sign(w)·relu(|w| − δ), w̄ = clip(round(u/s), −Q, Q), ŵ = s·w̄ + δ·sign(w̄).
@@ -66,30 +90,26 @@ class _DeadZoneLDZ(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, w, logit_dz, logit_bit, span, min_bits, fixed_bits, grad_enabled):
-        one, half, eps = _constants(w.dtype, w.device)
-        absmax = robust_absmax(w)
-        tanh_dz = torch.tanh(logit_dz).to(w.dtype)
+    def forward(ctx, logit_dz, logit_bit, span, min_bits, fixed_bits, grad_enabled, *stacks):
+        dtype, device = stacks[0].dtype, stacks[0].device
+        one, half, eps = _constants(dtype, device)
+        magnitudes = [w.abs() for w in stacks]
+        absmax = torch.cat([_quantile_of_rows(m.reshape(m.shape[0], -1)) for m in magnitudes])
+        tanh_dz = torch.tanh(logit_dz).to(dtype)
         half_d = absmax * (one - tanh_dz.abs())  # d/2
         if fixed_bits is None:
-            tanh_bit = torch.tanh(logit_bit).to(w.dtype)
+            tanh_bit = torch.tanh(logit_bit).to(dtype)
             b = torch.round(tanh_bit.abs() * span + min_bits)
         else:
-            b = torch.full((), float(fixed_bits), dtype=w.dtype, device=w.device)
+            b = torch.full_like(absmax, float(fixed_bits))
         levels = torch.exp2(b - one) - one
         denom = levels - half
         step = (absmax - half_d) / denom + eps
         shift = half_d - step * half
-        sign_w = torch.sign(w)
-        # |u|/s ≥ 0 and round is odd, so clip(round(u/s), −Q, Q) = sign(w)·min(round(|u|/s), Q)
-        magnitude = (w.abs() - shift).relu_().div_(step)
-        w_bar = torch.round(magnitude).clamp_max_(levels).mul_(sign_w)
-        sign_bar = torch.sign(w_bar)
-        out = (w_bar * step).add_(sign_bar * shift)
 
         # needs_input_grad ignores no_grad mode, hence the caller's grad_enabled
-        need_dz = grad_enabled and ctx.needs_input_grad[1]
-        need_bit = grad_enabled and ctx.needs_input_grad[2] and fixed_bits is None
+        need_dz = grad_enabled and ctx.needs_input_grad[0]
+        need_bit = grad_enabled and ctx.needs_input_grad[1] and fixed_bits is None
         ctx.coeffs = coeffs = {}  # θ → (α, β) with ∂L/∂θ = α·Σ g·x + β·Σ g·y
         if need_dz or need_bit:
             ds_ddhalf = -one / denom  # ∂s/∂(d/2)
@@ -102,25 +122,41 @@ class _DeadZoneLDZ(torch.autograd.Function):
             db_dtheta = torch.sign(tanh_bit) * (one - tanh_bit * tanh_bit) * span
             ds_dtheta = ds_dq * dq_db * db_dtheta
             coeffs["bit"] = (ds_dtheta, -half * ds_dtheta)
-        if coeffs:
-            # x = ∂ŵ/∂s = w̄ − u/s, y = ∂ŵ/∂δ = sign(w̄) − sign(w) (s, δ independent; δ = d/2 − s/2 is in α, β)
-            x = torch.addcmul(w_bar, sign_w, magnitude, value=-1.0).flatten()
-            y = (sign_bar - sign_w).flatten()
-            ctx.save_for_backward(sign_w, x, y)
-        else:
-            ctx.save_for_backward(sign_w, None, None)
-        return out
+
+        per_layer = torch.stack((shift, step, levels), dim=1).split([w.shape[0] for w in stacks])
+        outputs, saved = [], []
+        for w, abs_w, scalars in zip(stacks, magnitudes, per_layer):
+            # each layer's (δ, s, Q) broadcast against its [G, ...] stack
+            shift_, step_, levels_ = scalars.view(scalars.shape + (1,) * (w.dim() - 1)).unbind(1)
+            sign_w = torch.sign(w)
+            # |u|/s ≥ 0 and round is odd, so clip(round(u/s), −Q, Q) = sign(w)·min(round(|u|/s), Q)
+            magnitude = abs_w.sub_(shift_).relu_().div_(step_)
+            w_bar = torch.round(magnitude).clamp_max_(levels_).mul_(sign_w)
+            sign_bar = torch.sign(w_bar)
+            outputs.append(torch.addcmul(w_bar * step_, sign_bar, shift_))
+            if coeffs:
+                # x = ∂ŵ/∂s = w̄ − u/s, y = ∂ŵ/∂δ = sign(w̄) − sign(w) (s, δ independent; δ = d/2 − s/2 is in α, β)
+                saved += [sign_w, torch.addcmul(w_bar, sign_w, magnitude, value=-1.0), sign_bar.sub_(sign_w)]
+            else:
+                saved += [sign_w, None, None]
+        ctx.save_for_backward(*saved)
+        return tuple(outputs)
 
     @staticmethod
-    def backward(ctx, grad):
-        sign_w, x, y = ctx.saved_tensors
-        grad_w = grad * sign_w.abs() if ctx.needs_input_grad[0] else None  # |sign(w)| = sign(w)²
-        grads = {}
+    def backward(ctx, *grads):
+        saved = ctx.saved_tensors
+        grad_ws, sums = [], []
+        for grad, (sign_w, x, y) in zip(grads, zip(saved[0::3], saved[1::3], saved[2::3])):
+            grad_ws.append(grad * sign_w.abs())  # |sign(w)| = sign(w)²
+            if ctx.coeffs:
+                rows = grad.reshape(grad.shape[0], -1)
+                sums.append(torch.stack((torch.linalg.vecdot(x.reshape(rows.shape), rows),
+                                         torch.linalg.vecdot(y.reshape(rows.shape), rows)), dim=1))
+        logit_grads = {}
         if ctx.coeffs:
-            flat = grad.flatten()
-            grad_x, grad_y = torch.dot(x, flat), torch.dot(y, flat)
-            grads = {name: alpha * grad_x + beta * grad_y for name, (alpha, beta) in ctx.coeffs.items()}
-        return grad_w, grads.get("dz"), grads.get("bit"), None, None, None, None
+            grad_x, grad_y = torch.cat(sums).unbind(1)  # Σ g·x and Σ g·y of every layer
+            logit_grads = {name: alpha * grad_x + beta * grad_y for name, (alpha, beta) in ctx.coeffs.items()}
+        return logit_grads.get("dz"), logit_grads.get("bit"), None, None, None, None, *grad_ws
 
 
 class DeadZoneLDZCompander(nn.Module):
@@ -177,10 +213,28 @@ class DeadZoneLDZCompander(nn.Module):
         return self.deadzone_width(w).detach().cpu()
 
     def forward(self, w: torch.Tensor) -> torch.Tensor:
-        fixed_bits = None if self.learnable_bit else self.fixed_bit_val
-        span = self.max_bits - self.min_bits
-        return _DeadZoneLDZ.apply(
-            w, self.logit_dz, self.logit_bit, span, self.min_bits, fixed_bits, torch.is_grad_enabled())
+        (w_hat,) = self.quantize_stacked([self], [w.unsqueeze(0)])
+        return w_hat.squeeze(0)
+
+    def stack_key(self) -> tuple:
+        """Quantizers with equal keys may quantize their layers together: ``quantize_stacked``."""
+        return (self.fixed_bit_val, self.max_bits, self.learnable_bit, self.learnable_deadzone)
+
+    @classmethod
+    def quantize_stacked(
+        cls, quantizers: Sequence["DeadZoneLDZCompander"], stacks: Sequence[torch.Tensor]
+    ) -> tuple[torch.Tensor, ...]:
+        """ŵ of many layers in one pass; ``stacks`` holds their weights, layers of one shape stacked as [G, ...].
+
+        ``quantizers`` are the layers' quantizers in the stacks' row order, all with one ``stack_key``.
+        Row i of the result equals ``quantizers[i](weight i)``; the scalar math runs once for all layers.
+        """
+        first = quantizers[0]
+        fixed_bits = None if first.learnable_bit else first.fixed_bit_val
+        logit_dz = torch.stack([q.logit_dz for q in quantizers])
+        logit_bit = torch.stack([q.logit_bit for q in quantizers])
+        return _DeadZoneLDZ.apply(logit_dz, logit_bit, first.max_bits - first.min_bits, first.min_bits, fixed_bits,
+                                  torch.is_grad_enabled(), *stacks)
 
 
 class UniformSymmetric(nn.Module):
