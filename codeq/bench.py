@@ -112,12 +112,22 @@ def bench_training_step(batch: int, repeats: int, warmup: int, device: torch.dev
     return {name: {"seconds": t, "ratio_to_plain": t / medians["plain"]} for name, t in medians.items()}
 
 
-def bench_evaluator(repeats: int, warmup: int, device: torch.device) -> dict:
-    """A full evaluation (structured + unstructured accounting) against one training step at batch 128."""
+def bench_vs_step(repeats: int, warmup: int, device: torch.device) -> dict:
+    """Against one CoDeQ training step at batch 128: a full evaluation (structured + unstructured
+    accounting), and each sparsity loss's forward + backward alone (on the weights of a plain ResNet-20:
+    the same computation the step adds on top of its cached quantized weights)."""
     evaluator = Evaluator(build_model("resnet20", False, device), (3, 32, 32))
     model = build_model("resnet20", True, device)
-    fns = {"training step": make_step(model, None, 128, device),
-           "evaluator": lambda: evaluator.evaluate(model)}
+    plain = build_model("resnet20", False, device)
+
+    def loss_alone(loss_fn: Callable[[nn.Module], torch.Tensor]) -> Callable[[], None]:
+        def run() -> None:
+            plain.zero_grad(set_to_none=True)
+            loss_fn(plain).backward()
+        return run
+
+    fns = {"training step": make_step(model, None, 128, device), "evaluator": lambda: evaluator.evaluate(model)}
+    fns.update({f"{name} loss fwd+bwd": loss_alone(loss_fn) for name, (loss_fn, _) in LOSSES.items()})
     medians = alternate(fns, repeats, warmup, device)
     return {name: {"seconds": t, "ratio_to_step": t / medians["training step"]} for name, t in medians.items()}
 
@@ -196,16 +206,16 @@ def _table(results: dict) -> str:
     lines = []
     for batch, rows in results["training_step"].items():
         lines.append(f"training step, ResNet-20, batch {batch} (a loss's cost: its row minus 'deadzone')")
-        lines += [f"  {name:<34} {r['seconds'] * 1e3:9.1f} ms   {r['ratio_to_plain']:5.3f}x plain"
+        lines += [f"  {name:<38} {r['seconds'] * 1e3:9.1f} ms   {r['ratio_to_plain']:5.3f}x plain"
                   for name, r in rows.items()]
-    lines.append("evaluator vs one training step (batch 128)")
-    lines += [f"  {name:<34} {r['seconds'] * 1e3:9.1f} ms   {100 * r['ratio_to_step']:6.2f} % of a step"
+    lines.append("evaluator and sparsity losses vs one CoDeQ training step (batch 128)")
+    lines += [f"  {name:<38} {r['seconds'] * 1e3:9.1f} ms   {100 * r['ratio_to_step']:6.2f} % of a step"
               for name, r in results["vs_step"].items()]
     lines.append("scaling with depth (all quantizers fwd+bwd; full evaluation)")
     lines += [f"  {depth:<10} {r['layers']:4d} quantized layers   quantizers {r['quantizers_s'] * 1e3:8.1f} ms"
               f"   evaluator {r['evaluator_s'] * 1e3:8.1f} ms" for depth, r in results["scaling"].items()]
     lines.append("data pipeline with augmentation")
-    lines += [f"  {name:<34} {r['images_per_s']:12,.0f} images/s" for name, r in results["data"].items()]
+    lines += [f"  {name:<38} {r['images_per_s']:12,.0f} images/s" for name, r in results["data"].items()]
     if "trainer" in results:
         r = results["trainer"]
         lines.append("trainer: time/train_s of a warm epoch (median), CoDeQ = dead-zone + group lasso")
@@ -239,7 +249,7 @@ def main(argv: list[str] | None = None) -> int:
         "machine": {"device": str(device), "torch": torch.__version__, "threads": torch.get_num_threads(),
                     "cpu": platform.processor() or platform.machine()},
         "training_step": {b: bench_training_step(b, args.repeats, args.warmup, device) for b in args.batches},
-        "vs_step": bench_evaluator(args.repeats, args.warmup, device),
+        "vs_step": bench_vs_step(args.repeats, args.warmup, device),
         "scaling": bench_scaling(args.depths, max(1, args.repeats // 3), min(1, args.warmup), device),
         "data": bench_data(max(1, args.repeats // 5), args.data_size, device, fashion),
     }
