@@ -331,3 +331,10 @@ def test_stacked_fake_quant_handles_channels_last_weights():
         with parametrize.cached():
             for name, module, _ in quantized_layers(model):
                 assert torch.equal(stacked[name], module.weight)
+
+
+def test_frozen_weights_still_train_the_logits():
+    quantizer = DeadZoneLDZCompander(init_deadzone_logit=0.5, init_bit_logit=0.3)
+    quantizer(torch.randn(8, 8, 3, 3)).square().sum().backward()
+    assert torch.isfinite(quantizer.logit_dz.grad) and quantizer.logit_dz.grad != 0
+    assert torch.isfinite(quantizer.logit_bit.grad)

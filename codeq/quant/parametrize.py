@@ -130,6 +130,7 @@ class StackedFakeQuant:
 
     @contextlib.contextmanager
     def cached(self) -> Iterator[None]:
+        """Within: ``module.weight`` of every quantized layer is its quantized weight, computed on entry."""
         with parametrize.cached():
             try:
                 for by_shape in self._batches():

@@ -146,8 +146,9 @@ class _DeadZoneLDZ(torch.autograd.Function):
     def backward(ctx, *grads):
         saved = ctx.saved_tensors
         grad_ws, sums = [], []
-        for grad, (sign_w, x, y) in zip(grads, zip(saved[0::3], saved[1::3], saved[2::3])):
-            grad_ws.append(grad * sign_w.abs())  # |sign(w)| = sign(w)²
+        for i, (grad, sign_w, x, y) in enumerate(zip(grads, saved[0::3], saved[1::3], saved[2::3])):
+            needed = ctx.needs_input_grad[6 + i]  # the stacks follow the six leading arguments
+            grad_ws.append(grad * sign_w.abs() if needed else None)  # |sign(w)| = sign(w)²
             if ctx.coeffs:
                 rows = grad.reshape(grad.shape[0], -1)
                 sums.append(torch.stack((torch.linalg.vecdot(x.reshape(rows.shape), rows),
