@@ -5,6 +5,7 @@ import pytest
 import torch
 from torch import nn
 from torch.nn.utils import parametrize
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from codeq.models import resnet20
 from codeq.quant import quantizer as quantizer_module
@@ -338,3 +339,35 @@ def test_frozen_weights_still_train_the_logits():
     quantizer(torch.randn(8, 8, 3, 3)).square().sum().backward()
     assert torch.isfinite(quantizer.logit_dz.grad) and quantizer.logit_dz.grad != 0
     assert torch.isfinite(quantizer.logit_bit.grad)
+
+
+class _CountOps(TorchDispatchMode):
+    """Counts the aten ops that compute (kernels on a GPU; views are free) dispatched while active."""
+
+    def __init__(self):
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.count += not func.is_view
+        return func(*args, **(kwargs or {}))
+
+
+def _ops_for_one_step(layers_per_shape, shapes=((16, 16, 3, 3), (32, 16, 3, 3))):
+    """Aten ops of forward + backward of ``layers_per_shape`` layers of each shape, quantized stacked."""
+    quantizers = [DeadZoneLDZCompander() for _ in range(layers_per_shape * len(shapes))]
+    weights = [torch.randn(shape, requires_grad=True) for shape in shapes for _ in range(layers_per_shape)]
+    with _CountOps() as counter:
+        stacks = [torch.stack(weights[i * layers_per_shape:(i + 1) * layers_per_shape]) for i in range(len(shapes))]
+        outs = DeadZoneLDZCompander.quantize_stacked(quantizers, stacks)
+        torch.stack([out.sum() for out in outs]).sum().backward()
+    return counter.count
+
+
+def test_stacked_quantization_costs_the_same_ops_for_more_layers_of_a_shape():
+    """The point of stacking: the op (kernel) count grows with the number of shapes, not of layers."""
+    assert _ops_for_one_step(12) == _ops_for_one_step(2)
+    with _CountOps() as one_by_one:
+        for _ in range(12):
+            DeadZoneLDZCompander()(torch.randn(16, 16, 3, 3, requires_grad=True)).sum().backward()
+    assert one_by_one.count > 6 * _ops_for_one_step(12, shapes=((16, 16, 3, 3),))
