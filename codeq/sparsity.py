@@ -55,8 +55,7 @@ def _sum_of_row_norms(model: nn.Module, row_sets: Iterable[torch.Tensor]) -> tor
         by_length[rows.shape[1]].append(rows)
     if not by_length:
         return torch.zeros((), device=_device_of(model))
-    sums = [row_l2_norms(torch.cat(rows) if len(rows) > 1 else rows[0]).sum() for rows in by_length.values()]
-    return torch.stack(sums).sum() if len(sums) > 1 else sums[0]
+    return torch.stack([row_l2_norms(torch.cat(rows)).sum() for rows in by_length.values()]).sum()
 
 
 def row_l2_norms(rows: torch.Tensor) -> torch.Tensor:

@@ -16,16 +16,7 @@ from codeq.evaluator import (
     plot_sparsity_map,
 )
 from codeq.quant import UniformSymmetric, attach_weight_quantizers
-
-
-class TinyConvNet(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.conv1 = nn.Conv2d(3, 4, 3, padding=1, bias=False)
-        self.conv2 = nn.Conv2d(4, 8, 3, padding=1, bias=False)
-
-    def forward(self, x):
-        return self.conv2(self.conv1(x))
+from toy_models import TinyConvNet
 
 
 # ----------------------------------------------------------------------------- the plan's tests, verbatim

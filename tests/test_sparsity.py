@@ -19,19 +19,9 @@ from codeq.sparsity import (
     no_sparsity,
     row_l2_norms,
 )
+from toy_models import TinyConvNet
 
 SPARSITY_CONF = Path(__file__).resolve().parents[1] / "conf" / "sparsity"
-
-
-class TinyConvNet(nn.Module):
-    """Minimal 2-layer conv net for testing."""
-    def __init__(self):
-        super().__init__()
-        self.conv1 = nn.Conv2d(3, 4, 3, padding=1, bias=False)
-        self.conv2 = nn.Conv2d(4, 8, 3, padding=1, bias=False)
-
-    def forward(self, x):
-        return self.conv2(self.conv1(x))
 
 
 # --- the plan's tests (Task 3), verbatim but for the import path ---
