@@ -28,7 +28,9 @@ $(STAMP): pyproject.toml
 run: install  ## the quick start: ResNet-20 with CoDeQ on Fashion-MNIST (CPU, minutes)
 	$(PY) -m codeq.main experiment=quickstart $(ARGS)
 
-test: install  ## the fast test suite (seconds to minutes)
+test: install  ## lint + format check, then the fast test suite (seconds to minutes)
+	$(PY) -m ruff check .
+	$(PY) -m ruff format --check .
 	$(PY) -m pytest -q $(ARGS)
 
 test-slow: install  ## only the slow, real-data tests

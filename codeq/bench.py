@@ -5,10 +5,12 @@ excluded, and reports the median of the repeats; ratios are taken between median
 comparison (``--trainer-runs N``) alternates whole CLI runs instead and reads the trainer's own epoch
 times. The table goes to stdout and everything measured to a JSON file (``--out``).
 """
+
 from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import json
 import platform
 import statistics
@@ -16,8 +18,8 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -73,12 +75,14 @@ QUANTIZED_WEIGHTS = {  # how a step computes its quantized weights, by variant
 }
 
 
-def make_step(model: nn.Module, loss: tuple | None, batch: int, device: torch.device,
-              quantized_weights: str = "stacked") -> Callable[[], None]:
+def make_step(
+    model: nn.Module, loss: tuple | None, batch: int, device: torch.device, quantized_weights: str = "stacked"
+) -> Callable[[], None]:
     """One training step as the trainer takes it: forward, CE (+ λ·sparsity for ``loss`` = (fn, λ)), backward,
     the trainer's AdamW; the quantized weights computed as ``QUANTIZED_WEIGHTS[quantized_weights]``."""
-    optimizer = build_adamw(model, lr=1e-3, weight_decay=0.0, lr_dz=1e-3, weight_decay_dz=0.01, lr_bit=1e-3,
-                            weight_decay_bit=0.01)
+    optimizer = build_adamw(
+        model, lr=1e-3, weight_decay=0.0, lr_dz=1e-3, weight_decay_dz=0.01, lr_bit=1e-3, weight_decay_bit=0.01
+    )
     context = QUANTIZED_WEIGHTS[quantized_weights](model)
     x = torch.randn(batch, 3, 32, 32, device=device)
     y = torch.randint(0, 10, (batch,), device=device)
@@ -107,7 +111,8 @@ def bench_training_step(batch: int, repeats: int, warmup: int, device: torch.dev
         variants[f"deadzone+{name}"] = make_step(build_model("resnet20", True, device), loss, batch, device)
     for how in ("layer by layer", "uncached"):
         variants[f"deadzone+group_lasso, {how}"] = make_step(
-            build_model("resnet20", True, device), LOSSES["group_lasso"], batch, device, how)
+            build_model("resnet20", True, device), LOSSES["group_lasso"], batch, device, how
+        )
     medians = alternate(variants, repeats, warmup, device)
     return {name: {"seconds": t, "ratio_to_plain": t / medians["plain"]} for name, t in medians.items()}
 
@@ -124,6 +129,7 @@ def bench_vs_step(repeats: int, warmup: int, device: torch.device) -> dict:
         def run() -> None:
             plain.zero_grad(set_to_none=True)
             loss_fn(plain).backward()
+
         return run
 
     fns = {"training step": make_step(model, None, 128, device), "evaluator": lambda: evaluator.evaluate(model)}
@@ -141,13 +147,17 @@ def bench_scaling(depths: list[str], repeats: int, warmup: int, device: torch.de
         layers = [module for _, module, _ in quantized_layers(model)]
         stacked = StackedFakeQuant(model)
 
-        def quantizers() -> None:
+        def quantizers(stacked=stacked, layers=layers) -> None:
             with stacked.cached():
                 total = torch.stack([module.weight.sum() for module in layers]).sum()
             total.backward()
 
-        medians = alternate({"quantizers": quantizers, "evaluator": lambda: evaluator.evaluate(model)},
-                            repeats, warmup, device)
+        medians = alternate(
+            {"quantizers": quantizers, "evaluator": functools.partial(evaluator.evaluate, model)},
+            repeats,
+            warmup,
+            device,
+        )
         results[depth] = {"layers": len(layers), **{f"{k}_s": v for k, v in medians.items()}}
     return results
 
@@ -156,8 +166,11 @@ def bench_data(repeats: int, size: int, device: torch.device, fashion_root: str 
     """Images/s of the training pipeline (shuffle + augmentation + transfer) over one epoch."""
     from codeq.data import fashion_mnist
 
-    pipelines = {"synthetic 3x32x32": lambda: synthetic(
-        batch_size=128, train_size=size, test_size=128, input_size=(3, 32, 32), device=device)}
+    pipelines = {
+        "synthetic 3x32x32": lambda: synthetic(
+            batch_size=128, train_size=size, test_size=128, input_size=(3, 32, 32), device=device
+        )
+    }
     if fashion_root is not None:
         pipelines["fashion_mnist 1x28x28"] = lambda: fashion_mnist(root=fashion_root, batch_size=128, device=device)
     results = {}
@@ -175,16 +188,27 @@ def bench_data(repeats: int, size: int, device: torch.device, fashion_root: str 
     return results
 
 
-TRAINER_VARIANTS = {"plain": ["quantizer=none", "sparsity=none"], "codeq": ["quantizer=deadzone", "sparsity=group_lasso"]}
+TRAINER_VARIANTS = {
+    "plain": ["quantizer=none", "sparsity=none"],
+    "codeq": ["quantizer=deadzone", "sparsity=group_lasso"],
+}
 
 
 def bench_trainer(runs: int, images: int, batch: int, device: torch.device, overrides: list[str]) -> dict:
     """The step target as the trainer measures it: ``time/train_s`` of the warm epochs (2 and 3 of 3) of
     ``python -m codeq.main`` on synthetic CIFAR-shaped data, plain vs CoDeQ (dead-zone + group lasso),
     ``runs`` runs of each, alternated; medians over all warm epochs."""
-    common = ["dataset=synthetic", f"dataset.train_size={images}", "dataset.test_size=256",
-              f"dataset.batch_size={batch}", "trainer.epochs=3", "trainer.viz_interval=100", "logger=none",
-              f"trainer.device={device.type}", *overrides]
+    common = [
+        "dataset=synthetic",
+        f"dataset.train_size={images}",
+        "dataset.test_size=256",
+        f"dataset.batch_size={batch}",
+        "trainer.epochs=3",
+        "trainer.viz_interval=100",
+        "logger=none",
+        f"trainer.device={device.type}",
+        *overrides,
+    ]
     times: dict[str, list[float]] = {name: [] for name in TRAINER_VARIANTS}
     with tempfile.TemporaryDirectory(prefix="codeq-bench-") as work:
         for run in range(runs):
@@ -197,23 +221,33 @@ def bench_trainer(runs: int, images: int, batch: int, device: torch.device, over
                     raise RuntimeError(f"trainer run failed ({' '.join(command[1:])}): {last}")
                 times[name] += [row["time/train_s"] for row in read_metrics(run_dir / "metrics.jsonl")[1:]]
     medians = {name: statistics.median(t) for name, t in times.items()}
-    return {"command": "python -m codeq.main " + " ".join(common), "variants": TRAINER_VARIANTS,
-            "epoch_s": times, **{f"{name}_s": t for name, t in medians.items()},
-            "ratio": medians["codeq"] / medians["plain"]}
+    return {
+        "command": "python -m codeq.main " + " ".join(common),
+        "variants": TRAINER_VARIANTS,
+        "epoch_s": times,
+        **{f"{name}_s": t for name, t in medians.items()},
+        "ratio": medians["codeq"] / medians["plain"],
+    }
 
 
 def _table(results: dict) -> str:
     lines = []
     for batch, rows in results["training_step"].items():
         lines.append(f"training step, ResNet-20, batch {batch} (a loss's cost: its row minus 'deadzone')")
-        lines += [f"  {name:<38} {r['seconds'] * 1e3:9.1f} ms   {r['ratio_to_plain']:5.3f}x plain"
-                  for name, r in rows.items()]
+        lines += [
+            f"  {name:<38} {r['seconds'] * 1e3:9.1f} ms   {r['ratio_to_plain']:5.3f}x plain" for name, r in rows.items()
+        ]
     lines.append("evaluator and sparsity losses vs one CoDeQ training step (batch 128)")
-    lines += [f"  {name:<38} {r['seconds'] * 1e3:9.1f} ms   {100 * r['ratio_to_step']:6.2f} % of a step"
-              for name, r in results["vs_step"].items()]
+    lines += [
+        f"  {name:<38} {r['seconds'] * 1e3:9.1f} ms   {100 * r['ratio_to_step']:6.2f} % of a step"
+        for name, r in results["vs_step"].items()
+    ]
     lines.append("scaling with depth (all quantizers fwd+bwd; full evaluation)")
-    lines += [f"  {depth:<10} {r['layers']:4d} quantized layers   quantizers {r['quantizers_s'] * 1e3:8.1f} ms"
-              f"   evaluator {r['evaluator_s'] * 1e3:8.1f} ms" for depth, r in results["scaling"].items()]
+    lines += [
+        f"  {depth:<10} {r['layers']:4d} quantized layers   quantizers {r['quantizers_s'] * 1e3:8.1f} ms"
+        f"   evaluator {r['evaluator_s'] * 1e3:8.1f} ms"
+        for depth, r in results["scaling"].items()
+    ]
     lines.append("data pipeline with augmentation")
     lines += [f"  {name:<38} {r['images_per_s']:12,.0f} images/s" for name, r in results["data"].items()]
     if "trainer" in results:
@@ -229,25 +263,41 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=15, help="timed rounds per comparison (median reported)")
     parser.add_argument("--warmup", type=int, default=3, help="untimed rounds before timing")
     parser.add_argument("--batches", type=int, nargs="+", default=[128, 32], help="training-step batch sizes")
-    parser.add_argument("--depths", nargs="+", default=["resnet20", "resnet56", "resnet110"],
-                        help="models for the scaling comparison")
+    parser.add_argument(
+        "--depths", nargs="+", default=["resnet20", "resnet56", "resnet110"], help="models for the scaling comparison"
+    )
     parser.add_argument("--data-size", type=int, default=20_000, help="synthetic images per data-benchmark epoch")
-    parser.add_argument("--fashion-root", default="/usr/share/datasets/fashion-mnist",
-                        help="Fashion-MNIST location for the data benchmark ('' to skip)")
-    parser.add_argument("--trainer-runs", type=int, default=0,
-                        help="CLI training runs of plain and of CoDeQ, alternated, for the trainer comparison (0: skip)")
+    parser.add_argument(
+        "--fashion-root",
+        default="/usr/share/datasets/fashion-mnist",
+        help="Fashion-MNIST location for the data benchmark ('' to skip)",
+    )
+    parser.add_argument(
+        "--trainer-runs",
+        type=int,
+        default=0,
+        help="CLI training runs of plain and of CoDeQ, alternated, for the trainer comparison (0: skip)",
+    )
     parser.add_argument("--trainer-images", type=int, default=5120, help="synthetic training images per epoch there")
     parser.add_argument("--trainer-batch", type=int, default=128, help="batch size there")
-    parser.add_argument("--trainer-overrides", nargs="*", default=[],
-                        help="extra overrides for those runs (e.g. dataset.loader=device trainer.precision=bf16)")
+    parser.add_argument(
+        "--trainer-overrides",
+        nargs="*",
+        default=[],
+        help="extra overrides for those runs (e.g. dataset.loader=device trainer.precision=bf16)",
+    )
     parser.add_argument("--out", default="bench.json", help="JSON file for every number measured")
     args = parser.parse_args(argv)
     device = torch.device(args.device)
     fashion = args.fashion_root if args.fashion_root and Path(args.fashion_root).exists() else None
 
     results = {
-        "machine": {"device": str(device), "torch": torch.__version__, "threads": torch.get_num_threads(),
-                    "cpu": platform.processor() or platform.machine()},
+        "machine": {
+            "device": str(device),
+            "torch": torch.__version__,
+            "threads": torch.get_num_threads(),
+            "cpu": platform.processor() or platform.machine(),
+        },
         "training_step": {b: bench_training_step(b, args.repeats, args.warmup, device) for b in args.batches},
         "vs_step": bench_vs_step(args.repeats, args.warmup, device),
         "scaling": bench_scaling(args.depths, max(1, args.repeats // 3), min(1, args.warmup), device),
@@ -256,8 +306,9 @@ def main(argv: list[str] | None = None) -> int:
     status = 0
     if args.trainer_runs > 0:
         try:
-            results["trainer"] = bench_trainer(args.trainer_runs, args.trainer_images, args.trainer_batch, device,
-                                               args.trainer_overrides)
+            results["trainer"] = bench_trainer(
+                args.trainer_runs, args.trainer_images, args.trainer_batch, device, args.trainer_overrides
+            )
         except RuntimeError as exc:  # the other comparisons are still reported
             print(f"error: {exc}", file=sys.stderr)
             status = 1

@@ -7,6 +7,7 @@ draw of an epoch comes from a ``torch.Generator`` seeded from ``(seed, epoch)``,
 the same batches whether or not the run was resumed there. ``loader=torch`` gives the classic
 ``DataLoader`` + torchvision transforms path instead.
 """
+
 from __future__ import annotations
 
 import gzip
@@ -14,10 +15,10 @@ import logging
 import math
 import pickle
 import struct
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Sequence
 
 import numpy as np
 import torch
@@ -96,7 +97,7 @@ def crop_and_flip(
     hp, wp = h + 2 * padding, w + 2 * padding
     padded = F.pad(images, (padding, padding, padding, padding)).view(n * c * hp, wp)
     arange = torch.arange(max(h, w, n * c), device=images.device)
-    rows = (arange[:n * c] * hp).view(n, c, 1) + top.view(n, 1, 1) + arange[:h]
+    rows = (arange[: n * c] * hp).view(n, c, 1) + top.view(n, 1, 1) + arange[:h]
     cropped_rows = padded.index_select(0, rows.view(-1)).view(n, c, h, wp)
     columns = torch.where(flip.view(n, 1), w - 1 - arange[:w], arange[:w]) + left.view(n, 1)
     return cropped_rows.gather(3, columns.view(n, 1, 1, w).expand(n, c, h, w))
@@ -119,7 +120,7 @@ class _TensorBatches:
         if self._epoch is None:
             for start in range(0, len(split), size):
                 with _one_cpu_thread(on_cpu):
-                    batch = data._to_batch(split.images[start:start + size], split.labels[start:start + size])
+                    batch = data._to_batch(split.images[start : start + size], split.labels[start : start + size])
                 yield batch
             return
         generator = seeded_generator(data.seed, _STREAM_EPOCH, self._epoch)
@@ -133,7 +134,7 @@ class _TensorBatches:
             flip = (flip if aug.flip else torch.zeros_like(flip)).to(storage)
         for start in range(0, n, size):
             with _one_cpu_thread(on_cpu):
-                index = order[start:start + size]
+                index = order[start : start + size]
                 images = split.images.index_select(0, index)
                 if aug is not None:
                     window = slice(start, start + size)
@@ -245,8 +246,16 @@ class DataModule:
         mean = torch.tensor(self.mean, device=self.device).view(-1, 1, 1)
         std = torch.tensor(self.std, device=self.device).view(-1, 1, 1)
         self._scale, self._shift = 1.0 / (255.0 * std), -mean / std
-        log.info("%s: %d train / %d test images of %s, %d classes, loader=%s on %s", name, self.num_train,
-                 self.num_test, "x".join(map(str, self.input_size)), num_classes, self.loader, self.device)
+        log.info(
+            "%s: %d train / %d test images of %s, %d classes, loader=%s on %s",
+            name,
+            self.num_train,
+            self.num_test,
+            "x".join(map(str, self.input_size)),
+            num_classes,
+            self.loader,
+            self.device,
+        )
 
     @property
     def num_train_batches(self) -> int:
@@ -291,8 +300,14 @@ class DataModule:
         base_seed = derived_seed(self.seed, _STREAM_EPOCH, epoch) if epoch is not None else 0
         dataset = _TransformedTensors(split, v2.Compose(steps), base_seed)
         generator = seeded_generator(self.seed, _STREAM_EPOCH, epoch) if epoch is not None else None
-        loader = DataLoader(dataset, batch_size=self.batch_size, shuffle=epoch is not None, generator=generator,
-                            num_workers=self.num_workers, pin_memory=self.device.type == "cuda")
+        loader = DataLoader(
+            dataset,
+            batch_size=self.batch_size,
+            shuffle=epoch is not None,
+            generator=generator,
+            num_workers=self.num_workers,
+            pin_memory=self.device.type == "cuda",
+        )
         return _TorchLoaderBatches(loader, self.device)
 
 
@@ -316,8 +331,11 @@ def _check_choice(key: str, value, allowed: Sequence[str]) -> None:
 
 def _check_input_size(input_size) -> tuple[int, int, int]:
     values = list(input_size) if isinstance(input_size, Sequence) and not isinstance(input_size, str) else None
-    if (values is None or len(values) != 3
-            or any(isinstance(v, bool) or not isinstance(v, int) or v < 1 for v in values)):
+    if (
+        values is None
+        or len(values) != 3
+        or any(isinstance(v, bool) or not isinstance(v, int) or v < 1 for v in values)
+    ):
         raise ConfigError(f"dataset.input_size must be [C, H, W], three integers >= 1, got {input_size!r}")
     return tuple(values)
 
@@ -325,11 +343,13 @@ def _check_input_size(input_size) -> tuple[int, int, int]:
 def _check_fixed_shape(name: str, input_size, num_classes, expected_size: tuple, expected_classes: int) -> None:
     """The YAML states a real dataset's shape for interpolation; it must be the data's."""
     if _check_input_size(input_size) != expected_size:
-        raise ConfigError(f"dataset.input_size must be {list(expected_size)} for {name} (fixed by the data), "
-                          f"got {list(input_size)}")
+        raise ConfigError(
+            f"dataset.input_size must be {list(expected_size)} for {name} (fixed by the data), got {list(input_size)}"
+        )
     if num_classes != expected_classes:
-        raise ConfigError(f"dataset.num_classes must be {expected_classes} for {name} (fixed by the data), "
-                          f"got {num_classes!r}")
+        raise ConfigError(
+            f"dataset.num_classes must be {expected_classes} for {name} (fixed by the data), got {num_classes!r}"
+        )
 
 
 def _check_common(batch_size, num_workers, loader, augment, download, seed) -> None:
@@ -344,8 +364,10 @@ def _check_common(batch_size, num_workers, loader, augment, download, seed) -> N
 def _check_split(name: str, which: str, split: Split, input_size: tuple, num_classes: int) -> None:
     images, labels = split.images, split.labels
     if images.dtype != torch.uint8 or tuple(images.shape[1:]) != input_size or labels.dtype != torch.int64:
-        raise ValueError(f"{name} {which}: expected uint8 images N x {'x'.join(map(str, input_size))} and int64 "
-                         f"labels, got {images.dtype} {tuple(images.shape)} and {labels.dtype}")
+        raise ValueError(
+            f"{name} {which}: expected uint8 images N x {'x'.join(map(str, input_size))} and int64 "
+            f"labels, got {images.dtype} {tuple(images.shape)} and {labels.dtype}"
+        )
     if labels.shape != images.shape[:1]:
         raise ValueError(f"{name} {which}: {images.shape[0]} images but {labels.numel()} labels")
     if labels.numel() and not (0 <= int(labels.min()) and int(labels.max()) < num_classes):
@@ -388,37 +410,114 @@ def _load_cifar(class_name: str, title: str, root, download: bool) -> tuple[Spli
     elif missing:
         raise DatasetNotFoundError(
             f"{title} not found: dataset.root={root} has no {base_folder}/{missing[0]}; "
-            f"set dataset.download=true to download it, or dataset.root to a folder that has it")
+            f"set dataset.download=true to download it, or dataset.root to a folder that has it"
+        )
     return _read_cifar_batches(train_files), _read_cifar_batches(test_files)
 
 
-def _cifar(class_name: str, title: str, classes: int, normalization, *, name, input_size, num_classes, root,
-           download, batch_size, num_workers, loader, augment, seed, device) -> DataModule:
+def _cifar(
+    class_name: str,
+    title: str,
+    classes: int,
+    normalization,
+    *,
+    name,
+    input_size,
+    num_classes,
+    root,
+    download,
+    batch_size,
+    num_workers,
+    loader,
+    augment,
+    seed,
+    device,
+) -> DataModule:
     """CIFAR-10 or CIFAR-100: validated arguments, the splits from ``root``, crop (4 px) + flip augmentation."""
     _check_common(batch_size, num_workers, loader, augment, download, seed)
     _check_fixed_shape(name, input_size, num_classes, (3, 32, 32), classes)
     train, test = _load_cifar(class_name, title, root, download)
-    return DataModule(name=name, train=train, test=test, num_classes=classes, normalization=normalization,
-                      augmentation=Augmentation(4, True) if augment else None, batch_size=batch_size,
-                      num_workers=num_workers, loader=loader, seed=seed, device=device)
+    return DataModule(
+        name=name,
+        train=train,
+        test=test,
+        num_classes=classes,
+        normalization=normalization,
+        augmentation=Augmentation(4, True) if augment else None,
+        batch_size=batch_size,
+        num_workers=num_workers,
+        loader=loader,
+        seed=seed,
+        device=device,
+    )
 
 
-def cifar10(*, name: str = "cifar10", input_size=(3, 32, 32), num_classes: int = 10, root="data",
-            download: bool = False, batch_size: int = 512, num_workers: int = 2, loader: str = "auto",
-            augment: bool = True, seed: int = 0, device="cpu") -> DataModule:
+def cifar10(
+    *,
+    name: str = "cifar10",
+    input_size=(3, 32, 32),
+    num_classes: int = 10,
+    root="data",
+    download: bool = False,
+    batch_size: int = 512,
+    num_workers: int = 2,
+    loader: str = "auto",
+    augment: bool = True,
+    seed: int = 0,
+    device="cpu",
+) -> DataModule:
     """CIFAR-10 (50,000 / 10,000 images 3x32x32, 10 classes) from ``root/cifar-10-batches-py``."""
-    return _cifar("CIFAR10", "CIFAR-10", 10, CIFAR10_NORMALIZATION, name=name, input_size=input_size,
-                  num_classes=num_classes, root=root, download=download, batch_size=batch_size,
-                  num_workers=num_workers, loader=loader, augment=augment, seed=seed, device=device)
+    return _cifar(
+        "CIFAR10",
+        "CIFAR-10",
+        10,
+        CIFAR10_NORMALIZATION,
+        name=name,
+        input_size=input_size,
+        num_classes=num_classes,
+        root=root,
+        download=download,
+        batch_size=batch_size,
+        num_workers=num_workers,
+        loader=loader,
+        augment=augment,
+        seed=seed,
+        device=device,
+    )
 
 
-def cifar100(*, name: str = "cifar100", input_size=(3, 32, 32), num_classes: int = 100, root="data",
-             download: bool = False, batch_size: int = 512, num_workers: int = 2, loader: str = "auto",
-             augment: bool = True, seed: int = 0, device="cpu") -> DataModule:
+def cifar100(
+    *,
+    name: str = "cifar100",
+    input_size=(3, 32, 32),
+    num_classes: int = 100,
+    root="data",
+    download: bool = False,
+    batch_size: int = 512,
+    num_workers: int = 2,
+    loader: str = "auto",
+    augment: bool = True,
+    seed: int = 0,
+    device="cpu",
+) -> DataModule:
     """CIFAR-100 (50,000 / 10,000 images 3x32x32, 100 fine classes) from ``root/cifar-100-python``."""
-    return _cifar("CIFAR100", "CIFAR-100", 100, CIFAR100_NORMALIZATION, name=name, input_size=input_size,
-                  num_classes=num_classes, root=root, download=download, batch_size=batch_size,
-                  num_workers=num_workers, loader=loader, augment=augment, seed=seed, device=device)
+    return _cifar(
+        "CIFAR100",
+        "CIFAR-100",
+        100,
+        CIFAR100_NORMALIZATION,
+        name=name,
+        input_size=input_size,
+        num_classes=num_classes,
+        root=root,
+        download=download,
+        batch_size=batch_size,
+        num_workers=num_workers,
+        loader=loader,
+        augment=augment,
+        seed=seed,
+        device=device,
+    )
 
 
 # ------------------------------------------------------------------------------- Fashion-MNIST
@@ -430,7 +529,7 @@ def read_idx(path: Path) -> torch.Tensor:
     if len(raw) < 4 or raw[0:3] != b"\x00\x00\x08":
         raise DatasetNotFoundError(f"dataset.root: {path} is not an idx file of unsigned bytes")
     ndim = raw[3]
-    shape = struct.unpack(f">{ndim}I", raw[4:4 + 4 * ndim])
+    shape = struct.unpack(f">{ndim}I", raw[4 : 4 + 4 * ndim])
     offset = 4 + 4 * ndim
     if len(raw) != offset + math.prod(shape):
         raise DatasetNotFoundError(f"dataset.root: {path} holds {len(raw) - offset} bytes, its header says {shape}")
@@ -463,12 +562,15 @@ def _load_fashion_mnist(root, download: bool) -> tuple[Split, Split]:
             FashionMNIST(str(root), train=False, download=True)
         except (OSError, RuntimeError) as err:
             reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-            raise DatasetNotFoundError(f"Fashion-MNIST: downloading into dataset.root={root} failed ({reason})") from err
+            raise DatasetNotFoundError(
+                f"Fashion-MNIST: downloading into dataset.root={root} failed ({reason})"
+            ) from err
         folder = raw
     elif folder is None:
         raise DatasetNotFoundError(
             f"Fashion-MNIST not found in dataset.root={root} (FashionMNIST/raw/*-ubyte[.gz]) nor in "
-            f"{DEBIAN_FASHION_MNIST_DIR}: `apt-get install dataset-fashion-mnist` or set dataset.download=true")
+            f"{DEBIAN_FASHION_MNIST_DIR}: `apt-get install dataset-fashion-mnist` or set dataset.download=true"
+        )
     log.info("reading Fashion-MNIST from %s", folder)
     splits = []
     for images_stem, labels_stem in FASHION_MNIST_FILES.values():
@@ -477,24 +579,46 @@ def _load_fashion_mnist(root, download: bool) -> tuple[Split, Split]:
     return splits[0], splits[1]
 
 
-def fashion_mnist(*, name: str = "fashion_mnist", input_size=(1, 28, 28), num_classes: int = 10, root="data",
-                  download: bool = False, batch_size: int = 128, num_workers: int = 2, loader: str = "auto",
-                  augment: bool = True, seed: int = 0, device="cpu") -> DataModule:
+def fashion_mnist(
+    *,
+    name: str = "fashion_mnist",
+    input_size=(1, 28, 28),
+    num_classes: int = 10,
+    root="data",
+    download: bool = False,
+    batch_size: int = 128,
+    num_workers: int = 2,
+    loader: str = "auto",
+    augment: bool = True,
+    seed: int = 0,
+    device="cpu",
+) -> DataModule:
     """Fashion-MNIST (60,000 / 10,000 images 1x28x28, 10 classes); augmentation: crop with 2-pixel
     padding + horizontal flip (the garments are centred and left-right symmetric)."""
     _check_common(batch_size, num_workers, loader, augment, download, seed)
     _check_fixed_shape(name, input_size, num_classes, (1, 28, 28), 10)
     train, test = _load_fashion_mnist(root, download)
-    return DataModule(name=name, train=train, test=test, num_classes=10, normalization=FASHION_MNIST_NORMALIZATION,
-                      augmentation=Augmentation(2, True) if augment else None, batch_size=batch_size,
-                      num_workers=num_workers, loader=loader, seed=seed, device=device)
+    return DataModule(
+        name=name,
+        train=train,
+        test=test,
+        num_classes=10,
+        normalization=FASHION_MNIST_NORMALIZATION,
+        augmentation=Augmentation(2, True) if augment else None,
+        batch_size=batch_size,
+        num_workers=num_workers,
+        loader=loader,
+        seed=seed,
+        device=device,
+    )
 
 
 # ----------------------------------------------------------------------------------- synthetic
 
 
-def synthetic_splits(input_size: tuple[int, int, int], num_classes: int, train_size: int, test_size: int,
-                     seed: int) -> tuple[Split, Split]:
+def synthetic_splits(
+    input_size: tuple[int, int, int], num_classes: int, train_size: int, test_size: int, seed: int
+) -> tuple[Split, Split]:
     """Learnable random images: class ``k`` is a smooth random template ``T_k`` plus pixel noise,
     ``x = clip(200 T_k + 28 + 30 n, 0, 255)`` with ``T_k`` a 4x4 uniform grid upsampled bilinearly
     and ``n ~ N(0, 1)``; labels are balanced. A pure function of its arguments."""
@@ -511,10 +635,22 @@ def synthetic_splits(input_size: tuple[int, int, int], num_classes: int, train_s
     return splits[0], splits[1]
 
 
-def synthetic(*, name: str = "synthetic", input_size=(3, 32, 32), num_classes: int = 10, train_size: int = 512,
-              test_size: int = 256, root="data", download: bool = False, batch_size: int = 64,
-              num_workers: int = 0, loader: str = "auto", augment: bool = True, seed: int = 0,
-              device="cpu") -> DataModule:
+def synthetic(
+    *,
+    name: str = "synthetic",
+    input_size=(3, 32, 32),
+    num_classes: int = 10,
+    train_size: int = 512,
+    test_size: int = 256,
+    root="data",
+    download: bool = False,
+    batch_size: int = 64,
+    num_workers: int = 0,
+    loader: str = "auto",
+    augment: bool = True,
+    seed: int = 0,
+    device="cpu",
+) -> DataModule:
     """Synthetic class-template images of any ``input_size`` (``root``/``download`` unused: nothing to read).
     Augmentation as for CIFAR: crop with ``min(H, W) // 8`` pixels of padding (4 at 32x32) + flip;
     normalised with the per-channel statistics of (up to 4096 of) its training images."""
@@ -526,6 +662,16 @@ def synthetic(*, name: str = "synthetic", input_size=(3, 32, 32), num_classes: i
     train, test = synthetic_splits(size, num_classes, train_size, test_size, seed)
     sample = train.images[:4096].double().div_(255)
     normalization = (sample.mean(dim=(0, 2, 3)).tolist(), sample.std(dim=(0, 2, 3)).clamp_min(1e-3).tolist())
-    return DataModule(name=name, train=train, test=test, num_classes=num_classes, normalization=normalization,
-                      augmentation=Augmentation(min(size[1:]) // 8, True) if augment else None,
-                      batch_size=batch_size, num_workers=num_workers, loader=loader, seed=seed, device=device)
+    return DataModule(
+        name=name,
+        train=train,
+        test=test,
+        num_classes=num_classes,
+        normalization=normalization,
+        augmentation=Augmentation(min(size[1:]) // 8, True) if augment else None,
+        batch_size=batch_size,
+        num_workers=num_workers,
+        loader=loader,
+        seed=seed,
+        device=device,
+    )

@@ -3,6 +3,7 @@
 Figures are built on ``matplotlib.figure.Figure`` with an Agg canvas: no pyplot state, nothing to
 close, safe in a training loop and in worker processes.
 """
+
 from __future__ import annotations
 
 import math
@@ -154,10 +155,16 @@ def plot_layer_sparsity_bars(result: EvalResult) -> Figure:
 
     fig = _figure(max(8.0, len(layers) * 0.6), 5.0)
     ax = fig.subplots()
-    ax.bar(x - width / 2, [layer.pruning_ratio for layer in layers], width,
-           label="Structured (channel)", color="steelblue")
-    ax.bar(x + width / 2, [unstructured[layer.name].pruning_ratio for layer in layers], width,
-           label="Unstructured (weight)", color="coral")
+    ax.bar(
+        x - width / 2, [layer.pruning_ratio for layer in layers], width, label="Structured (channel)", color="steelblue"
+    )
+    ax.bar(
+        x + width / 2,
+        [unstructured[layer.name].pruning_ratio for layer in layers],
+        width,
+        label="Unstructured (weight)",
+        color="coral",
+    )
     ax.set_ylabel("Pruning ratio")
     ax.set_title("Per-layer sparsity: structured vs unstructured")
     ax.set_xticks(x)

@@ -3,6 +3,7 @@
 The interface is three calls: ``log_metrics(dict, step=epoch)``, ``log_figures({name: png_path}, step)``
 and ``finish(status)``. metrics.jsonl and summary.json are written by the trainer whatever the logger.
 """
+
 from __future__ import annotations
 
 import csv
@@ -27,8 +28,15 @@ class Logger:
 
     run_id: str | None = None
 
-    def __init__(self, run_dir: Path, config: dict[str, Any], name: str,
-                 group: str | None = None, job_type: str | None = None, run_id: str | None = None):
+    def __init__(
+        self,
+        run_dir: Path,
+        config: dict[str, Any],
+        name: str,
+        group: str | None = None,
+        job_type: str | None = None,
+        run_id: str | None = None,
+    ):
         self.run_dir = Path(run_dir)
 
     def log_metrics(self, metrics: dict[str, Any], step: int) -> None:
@@ -105,18 +113,35 @@ class WandbLogger(Logger):
     A resumed job passes its previous ``run_id`` and continues the same W&B run.
     """
 
-    def __init__(self, run_dir: Path, config: dict[str, Any], name: str, group: str | None = None,
-                 job_type: str | None = None, run_id: str | None = None, project: str = "codeq",
-                 entity: str | None = None, mode: str = "auto"):
+    def __init__(
+        self,
+        run_dir: Path,
+        config: dict[str, Any],
+        name: str,
+        group: str | None = None,
+        job_type: str | None = None,
+        run_id: str | None = None,
+        project: str = "codeq",
+        entity: str | None = None,
+        mode: str = "auto",
+    ):
         super().__init__(run_dir, config, name, group, job_type, run_id)
         resolved_mode = resolve_wandb_mode(mode)
         import wandb
 
         self._wandb = wandb
         self.run = wandb.init(
-            project=project, entity=entity, dir=str(self.run_dir), config=config, name=name,
-            group=group, job_type=job_type, id=run_id, resume="allow" if run_id else None,
-            mode=resolved_mode, reinit="finish_previous",
+            project=project,
+            entity=entity,
+            dir=str(self.run_dir),
+            config=config,
+            name=name,
+            group=group,
+            job_type=job_type,
+            id=run_id,
+            resume="allow" if run_id else None,
+            mode=resolved_mode,
+            reinit="finish_previous",
             settings=wandb.Settings(silent=resolved_mode == "offline"),  # offline: the notice line says it all
         )
         self.run.define_metric("epoch")
@@ -127,8 +152,9 @@ class WandbLogger(Logger):
         self.run.log({**metrics, "epoch": step})
 
     def log_figures(self, figures: dict[str, Path], step: int) -> None:
-        self.run.log({**{f"figures/{name}": self._wandb.Image(str(path)) for name, path in figures.items()},
-                      "epoch": step})
+        self.run.log(
+            {**{f"figures/{name}": self._wandb.Image(str(path)) for name, path in figures.items()}, "epoch": step}
+        )
 
     def finish(self, status: str) -> None:
         self.run.summary["status"] = status

@@ -4,6 +4,7 @@ It validates and seeds, instantiates every config group, builds the Evaluator on
 attaches the quantizers, builds the optimizer, and hands plain objects to codeq.trainer. Bad input
 ends the job with one line naming the key (exit 2); a failed job leaves failed.json in its run dir.
 """
+
 from __future__ import annotations
 
 import logging
@@ -164,15 +165,30 @@ def build(cfg: DictConfig, run_dir: Path) -> tuple[Trainer, dict[str, Any] | Non
     lr_scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=trainer_cfg.epochs)
 
     trainer = Trainer(
-        trainer_cfg, model=model, data=data, optimizer=optimizer, lr_scheduler=lr_scheduler,
-        evaluator=evaluator, schedule=schedule, sparsity_fn=sparsity_fn, sparsity_weight=sparsity_weight,
+        trainer_cfg,
+        model=model,
+        data=data,
+        optimizer=optimizer,
+        lr_scheduler=lr_scheduler,
+        evaluator=evaluator,
+        schedule=schedule,
+        sparsity_fn=sparsity_fn,
+        sparsity_weight=sparsity_weight,
         figure_fn=lambda m, result: compression_figures(m, result, sparsity_layer),
-        files=RunFiles(run_dir, epochs=trainer_cfg.epochs), device=device,
+        files=RunFiles(run_dir, epochs=trainer_cfg.epochs),
+        device=device,
     )
     if checkpoint is not None:
         trainer.load_state_dict(checkpoint)
-    log.info("Run dir %s | device %s | %s on %s (%d train / %d test images)", run_dir, device,
-             type(model).__name__, cfg.dataset.get("name", "?"), data.num_train, data.num_test)
+    log.info(
+        "Run dir %s | device %s | %s on %s (%d train / %d test images)",
+        run_dir,
+        device,
+        type(model).__name__,
+        cfg.dataset.get("name", "?"),
+        data.num_train,
+        data.num_test,
+    )
     return trainer, checkpoint
 
 

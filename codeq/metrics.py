@@ -13,6 +13,7 @@ Unstructured: ``MACs_l = nnz(W_l)·m_h·m_w`` (the CoDeQ paper's count).
 Both: ``BOPs_l = MACs_l·b_w·b_a``, b_w = the layer's learned bit-width (32 when not quantized),
 b_a = 32. The baseline is the dense 32-bit model; a compression ratio is baseline / model.
 """
+
 from __future__ import annotations
 
 import builtins
@@ -22,8 +23,9 @@ import math
 import numbers
 import operator
 import weakref
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable, Iterator
+from typing import Any
 
 import torch
 import torch.fx as fx
@@ -313,7 +315,9 @@ def _trace_model(model: nn.Module, input_size: tuple[int, ...]) -> _TracedModel:
         except Exception as exc:  # noqa: BLE001 - any tracing failure gets the hook fallback
             log.warning(
                 "torch.fx cannot trace %s (%s: %s); structured MACs count only each layer's own dead filters",
-                type(model).__name__, type(exc).__name__, exc,
+                type(model).__name__,
+                type(exc).__name__,
+                exc,
             )
             return _TracedModel(signature, None, {}, _hooked_layer_calls(model, x))
     calls = []
@@ -368,20 +372,90 @@ _POOL_NAMES = [
 #   product:  the op on magnitudes (a·b is null where either factor is);
 #   div:      a / b is live where a is.
 _FUNCTION_RULES: dict[Any, str] = {
-    **{f: "identity" for f in _existing(F, ["dropout", "dropout1d", "dropout2d", "dropout3d", "alpha_dropout",
-                                            "feature_alpha_dropout", "batch_norm", "instance_norm"])},
-    **{f: "pass" for f in _existing(F, ["relu", "relu6", "leaky_relu", "elu", "selu", "celu", "gelu", "silu",
-                                        "mish", "hardswish", "hardtanh", "tanh", "sigmoid", "softplus", "pad",
-                                        "interpolate", "pixel_shuffle", "pixel_unshuffle", *_POOL_NAMES])},
-    **{f: "pass" for f in _existing(torch, ["relu", "tanh", "sigmoid", "flatten", "cat", "concat", "concatenate",
-                                            "stack", "reshape", "permute", "transpose", "squeeze", "unsqueeze",
-                                            "chunk", "split", "unbind", "narrow", "flip", "roll", "mean", "sum",
-                                            "clone", "max_pool1d", "max_pool2d", "avg_pool1d",
-                                            "adaptive_avg_pool1d", "adaptive_max_pool1d"])},
+    **{
+        f: "identity"
+        for f in _existing(
+            F,
+            [
+                "dropout",
+                "dropout1d",
+                "dropout2d",
+                "dropout3d",
+                "alpha_dropout",
+                "feature_alpha_dropout",
+                "batch_norm",
+                "instance_norm",
+            ],
+        )
+    },
+    **{
+        f: "pass"
+        for f in _existing(
+            F,
+            [
+                "relu",
+                "relu6",
+                "leaky_relu",
+                "elu",
+                "selu",
+                "celu",
+                "gelu",
+                "silu",
+                "mish",
+                "hardswish",
+                "hardtanh",
+                "tanh",
+                "sigmoid",
+                "softplus",
+                "pad",
+                "interpolate",
+                "pixel_shuffle",
+                "pixel_unshuffle",
+                *_POOL_NAMES,
+            ],
+        )
+    },
+    **{
+        f: "pass"
+        for f in _existing(
+            torch,
+            [
+                "relu",
+                "tanh",
+                "sigmoid",
+                "flatten",
+                "cat",
+                "concat",
+                "concatenate",
+                "stack",
+                "reshape",
+                "permute",
+                "transpose",
+                "squeeze",
+                "unsqueeze",
+                "chunk",
+                "split",
+                "unbind",
+                "narrow",
+                "flip",
+                "roll",
+                "mean",
+                "sum",
+                "clone",
+                "max_pool1d",
+                "max_pool2d",
+                "avg_pool1d",
+                "adaptive_avg_pool1d",
+                "adaptive_max_pool1d",
+            ],
+        )
+    },
     **{f: "pass" for f in [*_existing(torch._C._nn, ["pad"]), operator.getitem, builtins.getattr]},
     **{f: "sum" for f in [operator.add, operator.iadd, operator.sub, operator.isub, torch.add, torch.sub]},
-    **{f: "product" for f in [operator.mul, operator.imul, operator.matmul, torch.mul, torch.matmul, torch.bmm,
-                              torch.mm]},
+    **{
+        f: "product"
+        for f in [operator.mul, operator.imul, operator.matmul, torch.mul, torch.matmul, torch.bmm, torch.mm]
+    },
     **{f: "div" for f in [operator.truediv, operator.itruediv, torch.div, torch.true_divide]},
 }
 # Functions of optional libraries, by qualified name (no import needed to recognise them).
@@ -390,10 +464,44 @@ _FUNCTION_RULES_BY_NAME: dict[str, str] = {
 }
 # Tensor methods by name (an in-place method ``x.add_`` follows the rule of ``x.add``).
 _METHOD_RULES: dict[str, str] = {
-    **{m: "pass" for m in ["view", "view_as", "reshape", "reshape_as", "flatten", "unflatten", "permute",
-                           "transpose", "t", "contiguous", "squeeze", "unsqueeze", "chunk", "split", "unbind",
-                           "expand", "expand_as", "repeat", "narrow", "relu", "tanh", "sigmoid", "mean", "sum",
-                           "flip", "roll", "to", "float", "double", "half", "type_as", "clone", "detach"]},
+    **{
+        m: "pass"
+        for m in [
+            "view",
+            "view_as",
+            "reshape",
+            "reshape_as",
+            "flatten",
+            "unflatten",
+            "permute",
+            "transpose",
+            "t",
+            "contiguous",
+            "squeeze",
+            "unsqueeze",
+            "chunk",
+            "split",
+            "unbind",
+            "expand",
+            "expand_as",
+            "repeat",
+            "narrow",
+            "relu",
+            "tanh",
+            "sigmoid",
+            "mean",
+            "sum",
+            "flip",
+            "roll",
+            "to",
+            "float",
+            "double",
+            "half",
+            "type_as",
+            "clone",
+            "detach",
+        ]
+    },
     **{m: "sum" for m in ["add", "sub"]},
     **{m: "product" for m in ["mul", "matmul", "mm", "bmm"]},
     **{m: "div" for m in ["div", "true_divide"]},
@@ -403,12 +511,48 @@ _IDENTITY_MODULES = tuple(
     + _existing(nn, ["Dropout", "Dropout1d", "Dropout2d", "Dropout3d", "AlphaDropout", "FeatureAlphaDropout"])
 )
 _PASS_MODULES = tuple(
-    _existing(nn, ["ReLU", "ReLU6", "LeakyReLU", "ELU", "SELU", "CELU", "GELU", "SiLU", "Mish", "Hardswish",
-                   "Hardtanh", "Tanh", "Sigmoid", "Softplus", "Flatten", "Unflatten", "Upsample",
-                   "UpsamplingNearest2d", "UpsamplingBilinear2d", "PixelShuffle", "PixelUnshuffle", "ChannelShuffle"])
-    + [getattr(nn, f"{kind}{d}d") for kind in ("MaxPool", "AvgPool", "AdaptiveAvgPool", "AdaptiveMaxPool",
-                                              "ZeroPad", "ConstantPad", "ReflectionPad", "ReplicationPad")
-       for d in (1, 2, 3) if hasattr(nn, f"{kind}{d}d")]
+    _existing(
+        nn,
+        [
+            "ReLU",
+            "ReLU6",
+            "LeakyReLU",
+            "ELU",
+            "SELU",
+            "CELU",
+            "GELU",
+            "SiLU",
+            "Mish",
+            "Hardswish",
+            "Hardtanh",
+            "Tanh",
+            "Sigmoid",
+            "Softplus",
+            "Flatten",
+            "Unflatten",
+            "Upsample",
+            "UpsamplingNearest2d",
+            "UpsamplingBilinear2d",
+            "PixelShuffle",
+            "PixelUnshuffle",
+            "ChannelShuffle",
+        ],
+    )
+    + [
+        getattr(nn, f"{kind}{d}d")
+        for kind in (
+            "MaxPool",
+            "AvgPool",
+            "AdaptiveAvgPool",
+            "AdaptiveMaxPool",
+            "ZeroPad",
+            "ConstantPad",
+            "ReflectionPad",
+            "ReplicationPad",
+        )
+        for d in (1, 2, 3)
+        if hasattr(nn, f"{kind}{d}d")
+    ]
 )
 
 
@@ -585,12 +729,19 @@ class QuantizationComparison:
         for name, calls in _calls_by_layer(traced.calls).items():
             shape = latent_shapes[name]
             macs = math.prod(shape) * _positions(calls)
-            layers.append(LayerStats(
-                name=name, macs=macs, bops=float(macs * UNQUANTIZED_BITS * self.b_a), bitwidth=UNQUANTIZED_BITS,
-                pruning_ratio=0.0, null_out=NullChannels.none(shape[0]),
-                null_in=NullChannels.none(_in_channels(model.get_submodule(name))),
-                spatial=calls[0].spatial, kernel_size=tuple(shape[2:]) or (1, 1),
-            ))
+            layers.append(
+                LayerStats(
+                    name=name,
+                    macs=macs,
+                    bops=float(macs * UNQUANTIZED_BITS * self.b_a),
+                    bitwidth=UNQUANTIZED_BITS,
+                    pruning_ratio=0.0,
+                    null_out=NullChannels.none(shape[0]),
+                    null_in=NullChannels.none(_in_channels(model.get_submodule(name))),
+                    spatial=calls[0].spatial,
+                    kernel_size=tuple(shape[2:]) or (1, 1),
+                )
+            )
         self.baseline_stats = _model_stats(layers)
         return self.baseline_stats
 
@@ -605,8 +756,10 @@ class QuantizationComparison:
             for name, calls in by_layer.items():
                 info, c_in = infos[name], _in_channels(model.get_submodule(name))
                 call_nulls = [nulls.get(call.node) or _alone(info, c_in) for call in calls]
-                macs = sum(_effective_macs(info.weight, n_in, n_out, call.spatial[0] * call.spatial[1])
-                           for (n_in, n_out), call in zip(call_nulls, calls))
+                macs = sum(
+                    _effective_macs(info.weight, n_in, n_out, call.spatial[0] * call.spatial[1])
+                    for (n_in, n_out), call in zip(call_nulls, calls)
+                )
                 null_in = torch.stack([n_in for n_in, _ in call_nulls]).all(0)
                 null_out = torch.stack([n_out for _, n_out in call_nulls]).all(0)
                 per_layer[name] = (macs, null_in, null_out)
@@ -615,12 +768,19 @@ class QuantizationComparison:
         for (name, (_, null_in, null_out)), macs in zip(per_layer.items(), counts):
             info, calls = infos[name], by_layer[name]
             dense = info.weight.numel() * _positions(calls)
-            layers.append(LayerStats(
-                name=name, macs=macs, bops=float(macs * info.bitwidth * self.b_a), bitwidth=info.bitwidth,
-                pruning_ratio=1.0 - macs / dense if dense else 0.0, null_out=NullChannels.from_mask(null_out),
-                null_in=NullChannels.from_mask(null_in), spatial=calls[0].spatial,
-                kernel_size=_kernel_size(info.weight),
-            ))
+            layers.append(
+                LayerStats(
+                    name=name,
+                    macs=macs,
+                    bops=float(macs * info.bitwidth * self.b_a),
+                    bitwidth=info.bitwidth,
+                    pruning_ratio=1.0 - macs / dense if dense else 0.0,
+                    null_out=NullChannels.from_mask(null_out),
+                    null_in=NullChannels.from_mask(null_in),
+                    spatial=calls[0].spatial,
+                    kernel_size=_kernel_size(info.weight),
+                )
+            )
         return _model_stats(layers)
 
     def calculate_unstructured_stats(
@@ -637,12 +797,19 @@ class QuantizationComparison:
             info = infos[name]
             macs = nonzero * _positions(calls)
             numel = info.weight.numel()
-            layers.append(LayerStats(
-                name=name, macs=macs, bops=float(macs * info.bitwidth * self.b_a), bitwidth=info.bitwidth,
-                pruning_ratio=1.0 - nonzero / numel if numel else 0.0, null_out=NullChannels.none(info.weight.shape[0]),
-                null_in=NullChannels.none(_in_channels(model.get_submodule(name))), spatial=calls[0].spatial,
-                kernel_size=_kernel_size(info.weight),
-            ))
+            layers.append(
+                LayerStats(
+                    name=name,
+                    macs=macs,
+                    bops=float(macs * info.bitwidth * self.b_a),
+                    bitwidth=info.bitwidth,
+                    pruning_ratio=1.0 - nonzero / numel if numel else 0.0,
+                    null_out=NullChannels.none(info.weight.shape[0]),
+                    null_in=NullChannels.none(_in_channels(model.get_submodule(name))),
+                    spatial=calls[0].spatial,
+                    kernel_size=_kernel_size(info.weight),
+                )
+            )
         return _model_stats(layers)
 
     def compression_ratio(self, stats: ModelStats) -> float:
@@ -685,7 +852,6 @@ class QuantizationComparison:
         return nulls
 
 
-
 def _in_channels(module: nn.Module) -> int:
     return module.in_features if isinstance(module, nn.Linear) else module.in_channels
 
@@ -694,6 +860,7 @@ def _alone(info: LayerQuantInfo, c_in: int) -> tuple[torch.Tensor, torch.Tensor]
     """Untraced layer: no input known null; outputs null only by the layer's own zero filters."""
     null_in = torch.zeros(c_in, dtype=torch.bool, device=info.weight.device)
     return null_in, _null_output_mask(info.weight, null_in, info.bias)
+
 
 def _calls_by_layer(calls: list[_LayerCall]) -> dict[str, list[_LayerCall]]:
     grouped: dict[str, list[_LayerCall]] = {}
@@ -712,7 +879,9 @@ def _kernel_size(weight: torch.Tensor) -> tuple[int, ...]:
 
 
 def _model_stats(layers: list[LayerStats]) -> ModelStats:
-    return ModelStats(layers=layers, total_macs=sum(l.macs for l in layers), total_bops=sum(l.bops for l in layers))
+    return ModelStats(
+        layers=layers, total_macs=sum(layer.macs for layer in layers), total_bops=sum(layer.bops for layer in layers)
+    )
 
 
 def _ratio(baseline: float, value: float) -> float:
@@ -723,7 +892,7 @@ def _check_same_layers(baseline: ModelStats, stats: ModelStats) -> None:
     """One clear error when the compared model's layers are not the baseline's."""
 
     def shapes(s: ModelStats) -> dict[str, tuple]:
-        return {l.name: (l.null_in.total, l.null_out.total, l.kernel_size, l.spatial) for l in s.layers}
+        return {x.name: (x.null_in.total, x.null_out.total, x.kernel_size, x.spatial) for x in s.layers}
 
     base, other = shapes(baseline), shapes(stats)
     if base == other:

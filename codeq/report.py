@@ -14,9 +14,9 @@ import math
 import os
 import re
 import sys
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
 
 import yaml
 
@@ -256,9 +256,7 @@ def pareto_front(points: Sequence[tuple[float, float]]) -> list[int]:
     Sorted by increasing cost. Among equal points the first is kept; points with a non-finite
     coordinate are ignored.
     """
-    candidates = [
-        i for i, (cost, acc) in enumerate(points) if math.isfinite(cost) and math.isfinite(acc)
-    ]
+    candidates = [i for i, (cost, acc) in enumerate(points) if math.isfinite(cost) and math.isfinite(acc)]
     candidates.sort(key=lambda i: (points[i][0], -points[i][1], i))
     front: list[int] = []
     best_accuracy = -math.inf
@@ -278,7 +276,7 @@ class Report:
     keys: list[str]
 
     @classmethod
-    def of(cls, runs: Sequence[Run]) -> "Report":
+    def of(cls, runs: Sequence[Run]) -> Report:
         runs = list(runs)
         return cls(runs, run_names(runs), differing_override_keys([r.overrides for r in runs]))
 
@@ -347,10 +345,7 @@ def format_text_table(header: Sequence[str], cells: Sequence[Sequence[str]]) -> 
     numeric = [all(is_number(row[i]) for row in cells) for i in range(len(header))]
     lines = []
     for row in [header, *cells]:
-        padded = [
-            text.rjust(width) if num else text.ljust(width)
-            for text, width, num in zip(row, widths, numeric)
-        ]
+        padded = [text.rjust(width) if num else text.ljust(width) for text, width, num in zip(row, widths, numeric)]
         lines.append("  ".join(padded).rstrip())
     lines.insert(1, "  ".join("-" * width for width in widths))
     return "\n".join(lines)
@@ -403,33 +398,48 @@ def plot_pareto(report: Report, path: Path, paper: bool = False) -> None:
             if accuracy is None or bops is None or not math.isfinite(accuracy):
                 continue
             if not (bops > 0 and math.isfinite(bops)):
-                logger.warning("%s: %s Rel. BOPs %s %% cannot sit on the log axis, not drawn",
-                               report.names[index], kind, bops)
+                logger.warning(
+                    "%s: %s Rel. BOPs %s %% cannot sit on the log axis, not drawn", report.names[index], kind, bops
+                )
                 continue
             points.append((bops, accuracy))
             labels.append(report.label(index))
         if not points:
             continue
         drawn += len(points)
-        ax.scatter([p[0] for p in points], [p[1] for p in points], s=40, zorder=3,
-                   label=f"{kind} (runs)", **style)
+        ax.scatter([p[0] for p in points], [p[1] for p in points], s=40, zorder=3, label=f"{kind} (runs)", **style)
         for (bops, accuracy), label in zip(points, labels):
-            ax.annotate(label, (bops, accuracy), xytext=(4, 4), textcoords="offset points",
-                        fontsize=7, color=style["color"])
+            ax.annotate(
+                label, (bops, accuracy), xytext=(4, 4), textcoords="offset points", fontsize=7, color=style["color"]
+            )
         front = [points[i] for i in pareto_front(points)]
-        ax.plot([p[0] for p in front], [p[1] for p in front], drawstyle="steps-post",
-                linestyle="--", linewidth=1.2, color=style["color"], label=f"{kind} Pareto front")
+        ax.plot(
+            [p[0] for p in front],
+            [p[1] for p in front],
+            drawstyle="steps-post",
+            linestyle="--",
+            linewidth=1.2,
+            color=style["color"],
+            label=f"{kind} Pareto front",
+        )
     if paper:
-        ax.scatter([p[2] for p in PAPER_POINTS], [p[1] for p in PAPER_POINTS], marker="*", s=120,
-                   color="black", zorder=4, label="paper, ResNet-20 / CIFAR-10")
+        ax.scatter(
+            [p[2] for p in PAPER_POINTS],
+            [p[1] for p in PAPER_POINTS],
+            marker="*",
+            s=120,
+            color="black",
+            zorder=4,
+            label="paper, ResNet-20 / CIFAR-10",
+        )
         by_cost = sorted(PAPER_POINTS, key=lambda point: point[2])
         for position, (name, accuracy, bops) in enumerate(by_cost):
             offset = (4, -10) if position % 2 == 0 else (4, 6)
-            ax.annotate(name, (bops, accuracy), xytext=offset, textcoords="offset points",
-                        fontsize=7, color="black")
+            ax.annotate(name, (bops, accuracy), xytext=offset, textcoords="offset points", fontsize=7, color="black")
     if drawn == 0 and not paper:
-        ax.text(0.5, 0.5, "no run has both accuracy and Rel. BOPs yet", transform=ax.transAxes,
-                ha="center", va="center")
+        ax.text(
+            0.5, 0.5, "no run has both accuracy and Rel. BOPs yet", transform=ax.transAxes, ha="center", va="center"
+        )
     else:
         ax.set_xscale("log")
         ax.xaxis.set_major_locator(LogLocator(subs=(1.0, 2.0, 5.0)))
@@ -459,12 +469,13 @@ def build_parser() -> argparse.ArgumentParser:
             "or the report files could not be written."
         ),
     )
-    parser.add_argument("dirs", nargs="+", type=Path, metavar="DIR",
-                        help="run dir, sweep dir or any folder above them")
-    parser.add_argument("--out", type=Path, metavar="DIR",
-                        help="where report.csv/.md/.png go (default: into the first DIR)")
-    parser.add_argument("--paper", action="store_true",
-                        help="overlay the CoDeQ paper's ResNet-20 / CIFAR-10 points on the plot")
+    parser.add_argument("dirs", nargs="+", type=Path, metavar="DIR", help="run dir, sweep dir or any folder above them")
+    parser.add_argument(
+        "--out", type=Path, metavar="DIR", help="where report.csv/.md/.png go (default: into the first DIR)"
+    )
+    parser.add_argument(
+        "--paper", action="store_true", help="overlay the CoDeQ paper's ResNet-20 / CIFAR-10 points on the plot"
+    )
     return parser
 
 

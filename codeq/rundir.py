@@ -2,6 +2,7 @@
 
 They are written whatever logger is chosen and are the source of truth for tests, resume and the report.
 """
+
 from __future__ import annotations
 
 import json

@@ -3,11 +3,12 @@
 Epochs count from 0. ``linear_warmup`` and ``cosine_anneal`` return plain floats in [0, 1] that never
 decrease with the epoch; ``constant`` returns its value (1.0 unless told otherwise).
 """
+
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from numbers import Real
-from typing import Callable
 
 from codeq.errors import ConfigError
 

@@ -8,10 +8,11 @@ and the dead-zone logits; evaluate the loss inside the forward pass's ``StackedF
 Every loss is vectorised (no Python loop over channels or blocks, one norm per row length rather than
 per layer) and has a finite subgradient, 0, at an all-zero group: dead channels are what these losses are for.
 """
+
 from __future__ import annotations
 
 from collections import defaultdict
-from typing import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 
 import torch
 import torch.nn.functional as F

@@ -1,4 +1,5 @@
 """The benchmark command runs end to end and reports every comparison (no timing assertions)."""
+
 import json
 
 import pytest
@@ -8,15 +9,43 @@ from codeq import bench
 
 def test_bench_reports_every_comparison(tmp_path, capsys):
     out = tmp_path / "bench.json"
-    bench.main(["--repeats", "1", "--warmup", "0", "--batches", "4", "--depths", "resnet20",
-                "--data-size", "256", "--fashion-root", "", "--out", str(out)])
+    bench.main(
+        [
+            "--repeats",
+            "1",
+            "--warmup",
+            "0",
+            "--batches",
+            "4",
+            "--depths",
+            "resnet20",
+            "--data-size",
+            "256",
+            "--fashion-root",
+            "",
+            "--out",
+            str(out),
+        ]
+    )
     results = json.loads(out.read_text())
     step = results["training_step"]["4"]
-    assert set(step) == {"plain", "deadzone", "deadzone+group_lasso", "deadzone+group_lasso_blocks",
-                         "deadzone+l1_kernel", "deadzone+group_lasso, layer by layer", "deadzone+group_lasso, uncached"}
+    assert set(step) == {
+        "plain",
+        "deadzone",
+        "deadzone+group_lasso",
+        "deadzone+group_lasso_blocks",
+        "deadzone+l1_kernel",
+        "deadzone+group_lasso, layer by layer",
+        "deadzone+group_lasso, uncached",
+    }
     assert step["plain"]["ratio_to_plain"] == 1.0
-    assert set(results["vs_step"]) == {"training step", "evaluator", "group_lasso loss fwd+bwd",
-                                       "group_lasso_blocks loss fwd+bwd", "l1_kernel loss fwd+bwd"}
+    assert set(results["vs_step"]) == {
+        "training step",
+        "evaluator",
+        "group_lasso loss fwd+bwd",
+        "group_lasso_blocks loss fwd+bwd",
+        "l1_kernel loss fwd+bwd",
+    }
     assert results["scaling"]["resnet20"]["layers"] == 18
     assert results["data"]["synthetic 3x32x32"]["images"] == 256
     assert "images/s" in capsys.readouterr().out
@@ -24,9 +53,32 @@ def test_bench_reports_every_comparison(tmp_path, capsys):
 
 def test_trainer_comparison_reads_the_warm_epochs_of_cli_runs(tmp_path, capsys):
     out = tmp_path / "bench.json"
-    bench.main(["--repeats", "1", "--warmup", "0", "--batches", "4", "--depths", "resnet20", "--data-size", "64",
-                "--fashion-root", "", "--trainer-runs", "1", "--trainer-images", "64", "--trainer-batch", "32",
-                "--trainer-overrides", "dataset.input_size=[3,8,8]", "--out", str(out)])
+    bench.main(
+        [
+            "--repeats",
+            "1",
+            "--warmup",
+            "0",
+            "--batches",
+            "4",
+            "--depths",
+            "resnet20",
+            "--data-size",
+            "64",
+            "--fashion-root",
+            "",
+            "--trainer-runs",
+            "1",
+            "--trainer-images",
+            "64",
+            "--trainer-batch",
+            "32",
+            "--trainer-overrides",
+            "dataset.input_size=[3,8,8]",
+            "--out",
+            str(out),
+        ]
+    )
     trainer = json.loads(out.read_text())["trainer"]
     assert {name: len(times) for name, times in trainer["epoch_s"].items()} == {"plain": 2, "codeq": 2}
     assert trainer["ratio"] == pytest.approx(trainer["codeq_s"] / trainer["plain_s"])
@@ -36,9 +88,28 @@ def test_trainer_comparison_reads_the_warm_epochs_of_cli_runs(tmp_path, capsys):
 
 def test_a_failing_trainer_run_is_one_error_line_and_the_rest_is_kept(tmp_path, capsys):
     out = tmp_path / "bench.json"
-    status = bench.main(["--repeats", "1", "--warmup", "0", "--batches", "4", "--depths", "resnet20",
-                         "--data-size", "64", "--fashion-root", "", "--trainer-runs", "1",
-                         "--trainer-overrides", "dataset.batch_size=0", "--out", str(out)])
+    status = bench.main(
+        [
+            "--repeats",
+            "1",
+            "--warmup",
+            "0",
+            "--batches",
+            "4",
+            "--depths",
+            "resnet20",
+            "--data-size",
+            "64",
+            "--fashion-root",
+            "",
+            "--trainer-runs",
+            "1",
+            "--trainer-overrides",
+            "dataset.batch_size=0",
+            "--out",
+            str(out),
+        ]
+    )
     assert status == 1
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].endswith("): error: dataset.batch_size must be an integer >= 1, got 0")

@@ -1,4 +1,5 @@
 """MACs/BOPs of single layers and small models: the plan's Task-1 tests plus the structured rules."""
+
 import logging
 import math
 
@@ -195,7 +196,7 @@ def test_unstructured_vs_structured_gap():
         # Zero half of each filter's weights (scattered)
         for i in range(4):
             flat = model.conv.weight[i].flatten()
-            flat[:flat.numel() // 2] = 0.0
+            flat[: flat.numel() // 2] = 0.0
 
     info = _get_layer_quant_info(model.conv)
     null_in = NullChannels.none(total=2)
@@ -338,8 +339,9 @@ def test_learned_bitwidths_set_bops_and_excluded_layers_stay_32_bit():
     """
     model = resnet20()
     qc = _comparison(model, (3, 32, 32))
-    attach_weight_quantizers(model, ["conv1", "linear"], DeadZoneLDZCompander,
-                             {"init_bit_logit": 0.4, "init_deadzone_logit": 10.0})
+    attach_weight_quantizers(
+        model, ["conv1", "linear"], DeadZoneLDZCompander, {"init_bit_logit": 0.4, "init_deadzone_logit": 10.0}
+    )
     stats = qc.calculate_stats(model)
     bits = {layer.name: layer.bitwidth for layer in stats.layers}
     assert bits["conv1"] == 32 and bits["linear"] == 32

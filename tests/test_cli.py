@@ -1,4 +1,5 @@
 """`python -m codeq.main` end to end on tiny synthetic data: the run dir's files, W&B offline, CSV, final table."""
+
 import json
 import os
 import subprocess
@@ -15,14 +16,34 @@ from codeq.rundir import read_metrics
 
 REPO = Path(__file__).resolve().parents[1]
 # 32 train / 16 test images of 3×8×8 in batches of 8: a CPU epoch takes a fraction of a second.
-TINY = ["dataset=synthetic", "dataset.input_size=[3,8,8]", "dataset.train_size=32", "dataset.test_size=16",
-        "dataset.batch_size=8", "trainer.device=cpu"]
+TINY = [
+    "dataset=synthetic",
+    "dataset.input_size=[3,8,8]",
+    "dataset.train_size=32",
+    "dataset.test_size=16",
+    "dataset.batch_size=8",
+    "trainer.device=cpu",
+]
 FIGURES = ["channel_liveness.png", "layer_bitwidths.png", "layer_sparsity.png", "sparsity_map.png"]
 ROW_KEYS = [
-    "epoch", "train/ce_loss", "train/sparsity_loss", "train/sparsity_coeff", "train/accuracy", "eval/accuracy",
-    "eval/loss", "compression/structured_bops_ratio", "compression/unstructured_bops_ratio",
-    "compression/structured_mac_ratio", "compression/unstructured_mac_ratio", "compression/structured_rel_bops_pct",
-    "compression/unstructured_rel_bops_pct", "sparsity/unstructured", "bits/mean", "lr", "time/train_s", "time/eval_s",
+    "epoch",
+    "train/ce_loss",
+    "train/sparsity_loss",
+    "train/sparsity_coeff",
+    "train/accuracy",
+    "eval/accuracy",
+    "eval/loss",
+    "compression/structured_bops_ratio",
+    "compression/unstructured_bops_ratio",
+    "compression/structured_mac_ratio",
+    "compression/unstructured_mac_ratio",
+    "compression/structured_rel_bops_pct",
+    "compression/unstructured_rel_bops_pct",
+    "sparsity/unstructured",
+    "bits/mean",
+    "lr",
+    "time/train_s",
+    "time/eval_s",
 ]
 # the 18 quantized block convs of ResNet-20 (conv1 and linear are excluded by default)
 QUANTIZED = [f"layer{s}.{b}.conv{c}" for s in (1, 2, 3) for b in (0, 1, 2) for c in (1, 2)]
@@ -32,8 +53,14 @@ ONE_THREAD = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
 
 def run_cli(*args, env=None, timeout=300):
     """The real CLI in a subprocess, from the repo root."""
-    return subprocess.run([sys.executable, "-m", "codeq.main", *args], cwd=REPO, capture_output=True, text=True,
-                          env={**os.environ, **ONE_THREAD, **(env or {})}, timeout=timeout)
+    return subprocess.run(
+        [sys.executable, "-m", "codeq.main", *args],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        env={**os.environ, **ONE_THREAD, **(env or {})},
+        timeout=timeout,
+    )
 
 
 def run_in_process(*args, monkeypatch):
@@ -63,7 +90,8 @@ def test_two_epoch_run_writes_the_run_dir(tmp_path):
         assert 0 <= row["train/accuracy"] <= 1 and 0 <= row["eval/accuracy"] <= 1
         assert row["train/sparsity_loss"] > 0
         assert row["compression/unstructured_rel_bops_pct"] == pytest.approx(
-            100 / row["compression/unstructured_bops_ratio"])
+            100 / row["compression/unstructured_bops_ratio"]
+        )
     # linear_warmup delay 0, ramp 2: c(e) = e / 2
     assert [row["train/sparsity_coeff"] for row in rows] == [0.0, 0.5]
     # group_lasso's λ = 5e-4: loss = CE + λ·c·sparsity (per-batch means, so exact up to float rounding)
@@ -105,9 +133,15 @@ def test_wandb_offline_run_lives_in_the_run_dir_and_a_resume_continues_it(tmp_pa
 
 def test_csv_logger_and_a_pattern_matching_nothing_only_warns(tmp_path, monkeypatch):
     run_dir = tmp_path / "run"
-    code = run_in_process(*TINY, "trainer.epochs=2", "trainer.viz_interval=5", "logger=csv",
-                          "quantizer.exclude_layers=[conv1,linear,bn]", f"hydra.run.dir={run_dir}",
-                          monkeypatch=monkeypatch)
+    code = run_in_process(
+        *TINY,
+        "trainer.epochs=2",
+        "trainer.viz_interval=5",
+        "logger=csv",
+        "quantizer.exclude_layers=[conv1,linear,bn]",
+        f"hydra.run.dir={run_dir}",
+        monkeypatch=monkeypatch,
+    )
     assert code == 0
     csv_lines = (run_dir / "metrics.csv").read_text().splitlines()
     assert len(csv_lines) == 3 and csv_lines[0].startswith("epoch,")
@@ -117,8 +151,9 @@ def test_csv_logger_and_a_pattern_matching_nothing_only_warns(tmp_path, monkeypa
 
 def test_quantizer_none_trains_the_dense_model(tmp_path, monkeypatch):
     run_dir = tmp_path / "run"
-    code = run_in_process(*TINY, "trainer.epochs=1", "logger=none", "quantizer=none", f"hydra.run.dir={run_dir}",
-                          monkeypatch=monkeypatch)
+    code = run_in_process(
+        *TINY, "trainer.epochs=1", "logger=none", "quantizer=none", f"hydra.run.dir={run_dir}", monkeypatch=monkeypatch
+    )
     assert code == 0
     (row,) = read_metrics(run_dir / "metrics.jsonl")
     assert row["bits/mean"] == 32 and row["compression/structured_bops_ratio"] == pytest.approx(1.0)

@@ -1,4 +1,5 @@
 """Compose the repo's Hydra config and instantiate every option of every group the way codeq.main does."""
+
 from functools import partial
 from pathlib import Path
 
@@ -132,19 +133,29 @@ def test_sparsity_weight_is_validated_and_zero_disables_the_term():
         sparsity_of(make_cfg(*FAST, "sparsity=group_lasso_blocks", "sparsity.block_size=0"))
 
 
-@pytest.mark.parametrize("schedule, expected", [
-    ("constant", [1.0, 1.0, 1.0, 1.0]),
-    ("linear_warmup", [0.0, 1 / 3, 2 / 3, 1.0]),      # delay 0, ramp 3
-    ("cosine_anneal", [0.0, 0.25, 0.75, 1.0]),        # delay 0: ½(1 − cos(π e/3)), cos(π/3) = ½
-])
+@pytest.mark.parametrize(
+    "schedule, expected",
+    [
+        ("constant", [1.0, 1.0, 1.0, 1.0]),
+        ("linear_warmup", [0.0, 1 / 3, 2 / 3, 1.0]),  # delay 0, ramp 3
+        ("cosine_anneal", [0.0, 0.25, 0.75, 1.0]),  # delay 0: ½(1 − cos(π e/3)), cos(π/3) = ½
+    ],
+)
 def test_every_schedule(schedule, expected):
     fn = instantiate_group(make_cfg(*FAST, f"schedule={schedule}"), "schedule")
     assert [fn(epoch, 3) for epoch in range(4)] == pytest.approx(expected)
 
 
 def test_optimizer_has_three_groups_with_their_settings():
-    cfg = make_cfg(*FAST, "optimizer.lr=0.01", "optimizer.weight_decay=0.1", "optimizer.lr_dz=0.02",
-                   "optimizer.weight_decay_dz=0.2", "optimizer.lr_bit=0.03", "optimizer.weight_decay_bit=0.3")
+    cfg = make_cfg(
+        *FAST,
+        "optimizer.lr=0.01",
+        "optimizer.weight_decay=0.1",
+        "optimizer.lr_dz=0.02",
+        "optimizer.weight_decay_dz=0.2",
+        "optimizer.lr_bit=0.03",
+        "optimizer.weight_decay_bit=0.3",
+    )
     model = instantiate_group(cfg, "model")
     attach_quantizers(cfg, model)
     factory = instantiate_group(cfg, "optimizer")
@@ -184,10 +195,22 @@ def test_every_logger(logger, tmp_path):
 def test_paper_presets():
     cfg = make_cfg("experiment=paper_resnet20_cifar10")
     assert (cfg.model._target_, cfg.dataset.name, cfg.dataset.batch_size, cfg.trainer.epochs) == (
-        "codeq.models.resnet20", "cifar10", 512, 300)
+        "codeq.models.resnet20",
+        "cifar10",
+        512,
+        300,
+    )
     assert OmegaConf.to_container(cfg.optimizer, resolve=True) | {"betas": None} == {
-        "_target_": "codeq.trainer.build_adamw", "_partial_": True, "lr": 1e-3, "weight_decay": 0.0,
-        "lr_dz": 1e-3, "weight_decay_dz": 0.01, "lr_bit": 1e-3, "weight_decay_bit": 0.01, "betas": None}
+        "_target_": "codeq.trainer.build_adamw",
+        "_partial_": True,
+        "lr": 1e-3,
+        "weight_decay": 0.0,
+        "lr_dz": 1e-3,
+        "weight_decay_dz": 0.01,
+        "lr_bit": 1e-3,
+        "weight_decay_bit": 0.01,
+        "betas": None,
+    }
     assert cfg.quantizer.learnable_bit is True
     four_bit = make_cfg("experiment=paper_resnet20_cifar10_4bit")
     assert four_bit.quantizer.learnable_bit is False and four_bit.quantizer.fixed_bit_val == 4
@@ -197,5 +220,8 @@ def test_paper_presets():
 def test_quickstart_preset():
     cfg = make_cfg("experiment=quickstart")
     assert (cfg.dataset.name, cfg.model.in_channels, cfg.quantizer._target_) == (
-        "fashion_mnist", 1, "codeq.quant.DeadZoneLDZCompander")
+        "fashion_mnist",
+        1,
+        "codeq.quant.DeadZoneLDZCompander",
+    )
     assert cfg.name == "quickstart"

@@ -1,4 +1,5 @@
 """The data layer: batch shapes, (seed, epoch) determinism, augmentation, file formats, error messages."""
+
 import gzip
 import pickle
 import struct
@@ -25,9 +26,17 @@ def batches(iterable):
 def tiny_module(images, labels, augmentation, batch_size=1, loader="memory", **kwargs):
     """Unit normalisation (mean 0, std 1/255): batches hold the raw pixel values as floats."""
     split = Split(images, labels)
-    return DataModule(name="tiny", train=split, test=split, num_classes=int(labels.max()) + 1,
-                      normalization=((0.0,) * images.shape[1], (1 / 255,) * images.shape[1]),
-                      augmentation=augmentation, batch_size=batch_size, loader=loader, **kwargs)
+    return DataModule(
+        name="tiny",
+        train=split,
+        test=split,
+        num_classes=int(labels.max()) + 1,
+        normalization=((0.0,) * images.shape[1], (1 / 255,) * images.shape[1]),
+        augmentation=augmentation,
+        batch_size=batch_size,
+        loader=loader,
+        **kwargs,
+    )
 
 
 # ------------------------------------------------------------------------------------- batches
@@ -49,7 +58,9 @@ def test_synthetic_module_attributes_and_batch_shapes():
 
 
 def test_train_batches_depend_only_on_seed_and_epoch():
-    make = lambda seed: data.synthetic(train_size=40, test_size=8, batch_size=16, seed=seed)
+    def make(seed):
+        return data.synthetic(train_size=40, test_size=8, batch_size=16, seed=seed)
+
     state = torch.random.get_rng_state()
     first, again = batches(make(3).train_batches(5)), batches(make(3).train_batches(5))
     assert torch.equal(torch.random.get_rng_state(), state)  # the global RNG is not used
@@ -76,8 +87,9 @@ def test_batches_are_built_on_one_thread_and_the_setting_is_restored_between_the
     torch.set_num_threads(2)
     try:
         dm = data.synthetic(train_size=20, test_size=10, batch_size=8)
-        using = [torch.get_num_threads() for _ in dm.train_batches(0)] + [torch.get_num_threads()
-                                                                          for _ in dm.test_batches()]
+        using = [torch.get_num_threads() for _ in dm.train_batches(0)] + [
+            torch.get_num_threads() for _ in dm.test_batches()
+        ]
         assert building == [1] * 3 and using == [2] * 5 and torch.get_num_threads() == 2
     finally:
         torch.set_num_threads(threads)
@@ -98,12 +110,15 @@ def test_crop_and_flip_on_a_hand_made_image():
     top, left = torch.tensor([0, 1, 2, 0]), torch.tensor([0, 1, 2, 2])
     flip = torch.tensor([False, False, True, True])
     out = crop_and_flip(images, top, left, flip, padding=1)
-    expected = torch.tensor([
-        [[0, 0, 0], [0, 1, 2], [0, 4, 5]],   # window at (0, 0) of the zero-padded image
-        [[1, 2, 3], [4, 5, 6], [7, 8, 9]],   # (1, 1): the image itself
-        [[0, 6, 5], [0, 9, 8], [0, 0, 0]],   # (2, 2) = [[5, 6, 0], [8, 9, 0], [0, 0, 0]], mirrored
-        [[0, 0, 0], [0, 3, 2], [0, 6, 5]],   # (0, 2) = [[0, 0, 0], [2, 3, 0], [5, 6, 0]], mirrored
-    ], dtype=torch.uint8)
+    expected = torch.tensor(
+        [
+            [[0, 0, 0], [0, 1, 2], [0, 4, 5]],  # window at (0, 0) of the zero-padded image
+            [[1, 2, 3], [4, 5, 6], [7, 8, 9]],  # (1, 1): the image itself
+            [[0, 6, 5], [0, 9, 8], [0, 0, 0]],  # (2, 2) = [[5, 6, 0], [8, 9, 0], [0, 0, 0]], mirrored
+            [[0, 0, 0], [0, 3, 2], [0, 6, 5]],  # (0, 2) = [[0, 0, 0], [2, 3, 0], [5, 6, 0]], mirrored
+        ],
+        dtype=torch.uint8,
+    )
     assert torch.equal(out[:, 0], expected)
 
 
@@ -115,7 +130,7 @@ def test_crop_and_flip_matches_pad_slice_flip_for_every_offset():
     out = crop_and_flip(images, top, left, flip, padding=1)
     padded = F.pad(images, (1, 1, 1, 1))
     for b in range(18):
-        window = padded[b, :, top[b]:top[b] + 5, left[b]:left[b] + 7]
+        window = padded[b, :, top[b] : top[b] + 5, left[b] : left[b] + 7]
         assert torch.equal(out[b], window.flip(2) if flip[b] else window)
 
 
@@ -123,25 +138,29 @@ def test_training_batches_are_cropped_and_flipped_and_test_batches_are_not():
     image = torch.arange(1, 17, dtype=torch.uint8).view(1, 1, 4, 4)
     dm = tiny_module(image, torch.tensor([0]), Augmentation(padding=1, flip=True))
     padded = F.pad(image[0, 0], (1, 1, 1, 1))
-    candidates = {(t, l, f): (padded[t:t + 4, l:l + 4].flip(1) if f else padded[t:t + 4, l:l + 4])
-                  for t in range(3) for l in range(3) for f in (False, True)}
+    candidates = {
+        (t, c, f): (padded[t : t + 4, c : c + 4].flip(1) if f else padded[t : t + 4, c : c + 4])
+        for t in range(3)
+        for c in range(3)
+        for f in (False, True)
+    }
     seen = set()
     for epoch in range(60):
-        (x, _), = batches(dm.train_batches(epoch))
+        ((x, _),) = batches(dm.train_batches(epoch))
         pixels = x[0, 0].round().to(torch.uint8)
         matches = [k for k, c in candidates.items() if torch.equal(c, pixels)]
         assert matches, f"epoch {epoch}: not a crop/flip of the image"
         seen.update(matches)
     assert {f for _, _, f in seen} == {False, True}
-    assert len({(t, l) for t, l, _ in seen}) >= 6
-    (x, y), = batches(dm.test_batches())
+    assert len({(t, c) for t, c, _ in seen}) >= 6
+    ((x, y),) = batches(dm.test_batches())
     assert torch.equal(x.round().to(torch.uint8), image) and y.tolist() == [0]
 
 
 def test_no_augmentation_still_shuffles():
     images = torch.arange(8, dtype=torch.uint8).view(8, 1, 1, 1).expand(8, 1, 3, 3).contiguous()
     dm = tiny_module(images, torch.arange(8) % 2, None, batch_size=8)
-    (x, y), = batches(dm.train_batches(0))
+    ((x, y),) = batches(dm.train_batches(0))
     order = x[:, 0, 0, 0].round().long()
     assert sorted(order.tolist()) == list(range(8)) and order.tolist() != list(range(8))
     assert torch.equal(x.round().to(torch.uint8), images[order])  # whole images, uncropped
@@ -220,20 +239,36 @@ def cifar_pixels(n, start):
     return (np.arange(n * 3072, dtype=np.int64).reshape(n, 3072) + start) % 251
 
 
-@pytest.mark.parametrize("factory,folder,train_names,test_name,label_key,meta,num_classes", [
-    (data.cifar10, "cifar-10-batches-py", [f"data_batch_{i}" for i in range(1, 6)], "test_batch", b"labels",
-     ("batches.meta", b"label_names"), 10),
-    (data.cifar100, "cifar-100-python", ["train"], "test", b"fine_labels", ("meta", b"fine_label_names"), 100),
-])
-def test_cifar_reads_the_torchvision_file_layout(tmp_path, factory, folder, train_names, test_name, label_key,
-                                                 meta, num_classes):
-    files = {name: (cifar_pixels(2, 10 * i).astype(np.uint8), [i, num_classes - 1])
-             for i, name in enumerate(train_names)}
+@pytest.mark.parametrize(
+    "factory,folder,train_names,test_name,label_key,meta,num_classes",
+    [
+        (
+            data.cifar10,
+            "cifar-10-batches-py",
+            [f"data_batch_{i}" for i in range(1, 6)],
+            "test_batch",
+            b"labels",
+            ("batches.meta", b"label_names"),
+            10,
+        ),
+        (data.cifar100, "cifar-100-python", ["train"], "test", b"fine_labels", ("meta", b"fine_label_names"), 100),
+    ],
+)
+def test_cifar_reads_the_torchvision_file_layout(
+    tmp_path, factory, folder, train_names, test_name, label_key, meta, num_classes
+):
+    files = {
+        name: (cifar_pixels(2, 10 * i).astype(np.uint8), [i, num_classes - 1]) for i, name in enumerate(train_names)
+    }
     files[test_name] = (cifar_pixels(3, 7).astype(np.uint8), [1, 2, num_classes - 1])
     write_cifar(tmp_path, folder, files, label_key, meta)
     dm = factory(root=str(tmp_path), batch_size=2)
     assert (dm.num_train, dm.num_test, dm.input_size, dm.num_classes) == (
-        2 * len(train_names), 3, (3, 32, 32), num_classes)
+        2 * len(train_names),
+        3,
+        (3, 32, 32),
+        num_classes,
+    )
     x = torch.cat([x for x, _ in dm.test_batches()])
     y = torch.cat([y for _, y in dm.test_batches()])
     assert y.tolist() == [1, 2, num_classes - 1]
@@ -261,7 +296,10 @@ def test_file_layouts_are_torchvisions():
     for name, (folder, train, test) in data.CIFAR_LAYOUT.items():
         cls = getattr(tvd, name)
         assert (cls.base_folder, [f for f, _ in cls.train_list], [f for f, _ in cls.test_list]) == (
-            folder, list(train), list(test))
+            folder,
+            list(train),
+            list(test),
+        )
     expected = [f"{stem}.gz" for pair in data.FASHION_MNIST_FILES.values() for stem in pair]
     assert sorted(f for f, _ in tvd.FashionMNIST.resources) == sorted(expected)
 
@@ -296,8 +334,9 @@ def test_failed_download_is_one_line(tmp_path, monkeypatch):
     monkeypatch.setattr(tvd, "CIFAR100", offline)
     with pytest.raises(DatasetNotFoundError) as error:
         data.cifar100(root=str(tmp_path), download=True)
-    assert str(error.value) == (f"CIFAR-100: downloading into dataset.root={tmp_path} failed "
-                                "([Errno -3] Temporary failure in name resolution)")
+    assert str(error.value) == (
+        f"CIFAR-100: downloading into dataset.root={tmp_path} failed ([Errno -3] Temporary failure in name resolution)"
+    )
 
 
 # ---------------------------------------------------------------------------- Fashion-MNIST files
@@ -330,7 +369,7 @@ def test_fashion_mnist_reads_idx_files_under_root(tmp_path, monkeypatch, compres
     arrays = write_fashion_mnist(tmp_path / "FashionMNIST" / "raw", compress=compress)
     dm = data.fashion_mnist(root=str(tmp_path), batch_size=4)
     assert (dm.num_train, dm.num_test, dm.input_size, dm.num_classes) == (6, 4, (1, 28, 28), 10)
-    (x, y), = batches(dm.test_batches())
+    ((x, y),) = batches(dm.test_batches())
     assert y.tolist() == [9, 0, 3, 3]
     pixel = arrays["t10k-images-idx3-ubyte"][2, 13, 27]
     assert x[2, 0, 13, 27].item() == pytest.approx((pixel / 255 - 0.2860) / 0.3530, abs=1e-5)
@@ -377,51 +416,75 @@ def test_real_fashion_mnist_from_the_debian_package(tmp_path):
 # ------------------------------------------------------------------------------- config and input
 
 
-@pytest.mark.parametrize("key,value,message", [
-    ("batch_size", 0, "dataset.batch_size must be an integer >= 1"),
-    ("batch_size", 2.5, "dataset.batch_size must be an integer >= 1"),
-    ("num_workers", -1, "dataset.num_workers must be an integer >= 0"),
-    ("loader", "gpu", "dataset.loader must be one of auto, memory, device, torch"),
-    ("augment", "yes", "dataset.augment must be true or false"),
-    ("download", 1, "dataset.download must be true or false"),
-    ("seed", -3, "dataset.seed must be an integer >= 0"),
-    ("train_size", 0, "dataset.train_size must be an integer >= 1"),
-    ("test_size", 0, "dataset.test_size must be an integer >= 1"),
-    ("num_classes", 0, "dataset.num_classes must be an integer >= 1"),
-    ("input_size", [3, 32], "dataset.input_size must be \\[C, H, W\\]"),
-    ("input_size", [3, 0, 32], "dataset.input_size must be \\[C, H, W\\]"),
-])
+@pytest.mark.parametrize(
+    "key,value,message",
+    [
+        ("batch_size", 0, "dataset.batch_size must be an integer >= 1"),
+        ("batch_size", 2.5, "dataset.batch_size must be an integer >= 1"),
+        ("num_workers", -1, "dataset.num_workers must be an integer >= 0"),
+        ("loader", "gpu", "dataset.loader must be one of auto, memory, device, torch"),
+        ("augment", "yes", "dataset.augment must be true or false"),
+        ("download", 1, "dataset.download must be true or false"),
+        ("seed", -3, "dataset.seed must be an integer >= 0"),
+        ("train_size", 0, "dataset.train_size must be an integer >= 1"),
+        ("test_size", 0, "dataset.test_size must be an integer >= 1"),
+        ("num_classes", 0, "dataset.num_classes must be an integer >= 1"),
+        ("input_size", [3, 32], "dataset.input_size must be \\[C, H, W\\]"),
+        ("input_size", [3, 0, 32], "dataset.input_size must be \\[C, H, W\\]"),
+    ],
+)
 def test_bad_synthetic_arguments_name_the_key(key, value, message):
     with pytest.raises(ConfigError, match=message):
         data.synthetic(**{key: value})
 
 
-@pytest.mark.parametrize("factory,kwargs,message", [
-    (data.cifar10, {"input_size": [1, 28, 28]}, r"dataset.input_size must be \[3, 32, 32\] for cifar10"),
-    (data.cifar100, {"num_classes": 10}, "dataset.num_classes must be 100 for cifar100"),
-    (data.fashion_mnist, {"input_size": [3, 28, 28]}, r"dataset.input_size must be \[1, 28, 28\]"),
-    (data.fashion_mnist, {"batch_size": 0}, "dataset.batch_size must be an integer >= 1"),
-    (data.cifar10, {"loader": "fast"}, "dataset.loader must be one of auto, memory, device, torch"),
-])
+@pytest.mark.parametrize(
+    "factory,kwargs,message",
+    [
+        (data.cifar10, {"input_size": [1, 28, 28]}, r"dataset.input_size must be \[3, 32, 32\] for cifar10"),
+        (data.cifar100, {"num_classes": 10}, "dataset.num_classes must be 100 for cifar100"),
+        (data.fashion_mnist, {"input_size": [3, 28, 28]}, r"dataset.input_size must be \[1, 28, 28\]"),
+        (data.fashion_mnist, {"batch_size": 0}, "dataset.batch_size must be an integer >= 1"),
+        (data.cifar10, {"loader": "fast"}, "dataset.loader must be one of auto, memory, device, torch"),
+    ],
+)
 def test_bad_real_dataset_arguments_fail_before_reading(tmp_path, factory, kwargs, message):
     with pytest.raises(ConfigError, match=message):
         factory(root=str(tmp_path / "nowhere"), **kwargs)
 
 
 def dataset_config(name: str):
-    cfg = OmegaConf.create({"seed": 7, "paths": {"data_dir": "/nonexistent/data"},
-                            "dataset": OmegaConf.load(CONF / f"{name}.yaml")})
+    cfg = OmegaConf.create(
+        {"seed": 7, "paths": {"data_dir": "/nonexistent/data"}, "dataset": OmegaConf.load(CONF / f"{name}.yaml")}
+    )
     return cfg
 
 
 @pytest.mark.parametrize("name", ["cifar10", "cifar100", "fashion_mnist", "synthetic"])
 def test_dataset_configs_have_the_contract_keys(name):
     cfg = dataset_config(name).dataset
-    keys = {"_target_", "name", "input_size", "num_classes", "root", "download", "batch_size", "num_workers",
-            "loader", "augment", "seed"} | ({"train_size", "test_size"} if name == "synthetic" else set())
+    keys = {
+        "_target_",
+        "name",
+        "input_size",
+        "num_classes",
+        "root",
+        "download",
+        "batch_size",
+        "num_workers",
+        "loader",
+        "augment",
+        "seed",
+    } | ({"train_size", "test_size"} if name == "synthetic" else set())
     assert set(cfg.keys()) == keys
     assert (cfg.name, cfg.root, cfg.seed, cfg.download, cfg.loader, cfg.augment) == (
-        name, "/nonexistent/data", 7, False, "auto", True)
+        name,
+        "/nonexistent/data",
+        7,
+        False,
+        "auto",
+        True,
+    )
 
 
 def test_synthetic_config_instantiates_with_a_device():

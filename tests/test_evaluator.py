@@ -1,10 +1,12 @@
 """Tests for the experiment evaluator."""
+
 import math
 
 import pytest
 import torch
 import torch.nn as nn
 from matplotlib.figure import Figure
+from toy_models import TinyConvNet
 
 from codeq.errors import ConfigError
 from codeq.evaluator import (
@@ -16,8 +18,6 @@ from codeq.evaluator import (
     plot_sparsity_map,
 )
 from codeq.quant import UniformSymmetric, attach_weight_quantizers
-from toy_models import TinyConvNet
-
 
 # ----------------------------------------------------------------------------- the plan's tests, verbatim
 
@@ -57,7 +57,7 @@ def test_evaluator_scattered_zeros():
             if isinstance(m, nn.Conv2d):
                 for i in range(m.weight.shape[0]):
                     flat = m.weight[i].flatten()
-                    flat[:flat.numel() // 2] = 0.0
+                    flat[: flat.numel() // 2] = 0.0
 
     result = evaluator.evaluate(model)
 
@@ -127,22 +127,24 @@ def test_as_metrics_keys_and_values():
     model, evaluator = _pruned_tiny_net()
     result = evaluator.evaluate(model)
     metrics = result.as_metrics()
-    assert metrics == pytest.approx({
-        "compression/structured_bops_ratio": result.structured_bops_ratio,
-        "compression/structured_mac_ratio": 6336 / 2880,
-        "compression/unstructured_bops_ratio": result.unstructured_bops_ratio,
-        "compression/unstructured_mac_ratio": 6336 / 4896,
-        "compression/structured_rel_bops_pct": result.structured_rel_bops_pct,
-        "compression/unstructured_rel_bops_pct": result.unstructured_rel_bops_pct,
-        "sparsity/unstructured": 90 / 396,
-        "bits/mean": 4.0,
-        "layers/conv1/bitwidth": 32.0,
-        "layers/conv1/structured_pruning": 1 - 864 / 1728,
-        "layers/conv1/unstructured_pruning": 54 / 108,
-        "layers/conv2/bitwidth": 4.0,
-        "layers/conv2/structured_pruning": 1 - 2016 / 4608,
-        "layers/conv2/unstructured_pruning": 36 / 288,
-    })
+    assert metrics == pytest.approx(
+        {
+            "compression/structured_bops_ratio": result.structured_bops_ratio,
+            "compression/structured_mac_ratio": 6336 / 2880,
+            "compression/unstructured_bops_ratio": result.unstructured_bops_ratio,
+            "compression/unstructured_mac_ratio": 6336 / 4896,
+            "compression/structured_rel_bops_pct": result.structured_rel_bops_pct,
+            "compression/unstructured_rel_bops_pct": result.unstructured_rel_bops_pct,
+            "sparsity/unstructured": 90 / 396,
+            "bits/mean": 4.0,
+            "layers/conv1/bitwidth": 32.0,
+            "layers/conv1/structured_pruning": 1 - 864 / 1728,
+            "layers/conv1/unstructured_pruning": 54 / 108,
+            "layers/conv2/bitwidth": 4.0,
+            "layers/conv2/structured_pruning": 1 - 2016 / 4608,
+            "layers/conv2/unstructured_pruning": 36 / 288,
+        }
+    )
     assert all(isinstance(v, float) for v in metrics.values())
 
 
@@ -199,7 +201,7 @@ def test_sparsity_map_grid_shows_each_kernel():
     grid = fig.axes[0].images[0].get_array()
     assert grid.shape == (17, 13)
     assert (grid[0] == 0.5).all() and (grid[:, 0] == 0.5).all()
-    kernel = grid[1 + 2 * 4: 4 + 2 * 4, 1 + 1 * 4: 4 + 1 * 4]
+    kernel = grid[1 + 2 * 4 : 4 + 2 * 4, 1 + 1 * 4 : 4 + 1 * 4]
     assert kernel.tolist() == [[0, 0, 0], [0, 1, 0], [0, 0, 0]]
     assert grid[1:4, 1:4].tolist() == [[1] * 3] * 3
     assert int((grid == 0).sum()) == 8
@@ -235,8 +237,14 @@ def test_layer_bars_and_bitwidths_have_one_bar_per_layer_and_kind():
 def test_figures_render_to_png(tmp_path):
     model, evaluator = _pruned_tiny_net()
     result = evaluator.evaluate(model)
-    for i, fig in enumerate([evaluator.plot_channel_liveness(model), plot_sparsity_map(model, "conv2"),
-                             plot_layer_sparsity_bars(result), plot_layer_bitwidths(result)]):
+    for i, fig in enumerate(
+        [
+            evaluator.plot_channel_liveness(model),
+            plot_sparsity_map(model, "conv2"),
+            plot_layer_sparsity_bars(result),
+            plot_layer_bitwidths(result),
+        ]
+    ):
         path = tmp_path / f"{i}.png"
         fig.savefig(path)
         assert path.read_bytes()[:4] == b"\x89PNG"

@@ -1,5 +1,6 @@
 """Structured counting through whole graphs: hand-computed toy residual nets, a measurement oracle on
 real architectures, the dense ResNet-20 count against FlopCounterMode, and the per-model trace cache."""
+
 import pytest
 import torch
 import torch.nn as nn
@@ -126,8 +127,12 @@ class FlattenCNN(nn.Module):
     def __init__(self):
         super().__init__()
         self.features = nn.Sequential(
-            nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.MaxPool2d(2),
-            nn.Conv2d(8, 4, 3, padding=1, bias=False), nn.ReLU(),
+            nn.Conv2d(3, 8, 3, padding=1),
+            nn.BatchNorm2d(8),
+            nn.ReLU(),
+            nn.MaxPool2d(2),
+            nn.Conv2d(8, 4, 3, padding=1, bias=False),
+            nn.ReLU(),
         )
         self.classifier = nn.Sequential(nn.Flatten(), nn.Linear(64, 16), nn.ReLU(), nn.Dropout(0.5), nn.Linear(16, 10))
 
@@ -197,11 +202,16 @@ def _measured_null_channels(model, input_size):
             def dead(t):
                 live = t.movedim(dim, 0).reshape(t.shape[dim], -1).ne(0).any(1)
                 return frozenset((~live).nonzero().flatten().tolist())
+
             seen[name] = (dead(inputs[0]), dead(output))
+
         return hook
 
-    handles = [m.register_forward_hook(record(n, -1 if isinstance(m, nn.Linear) else 1))
-               for n, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+    handles = [
+        m.register_forward_hook(record(n, -1 if isinstance(m, nn.Linear) else 1))
+        for n, m in model.named_modules()
+        if isinstance(m, (nn.Conv2d, nn.Linear))
+    ]
     with torch.no_grad():
         model(torch.rand(2, *input_size) + 0.1)
     for handle in handles:

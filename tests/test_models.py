@@ -1,4 +1,5 @@
 """CIFAR ResNets: output shapes, parameter counts, MACs, module names."""
+
 import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode

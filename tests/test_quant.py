@@ -1,4 +1,5 @@
 """CoDeQ quantizers against an independent implementation of the paper's equations."""
+
 import logging
 
 import pytest
@@ -8,8 +9,6 @@ from torch.nn.utils import parametrize
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from codeq.models import resnet20
-from codeq.quant import quantizer as quantizer_module
-from codeq.quant.quantizer import _quantile_of_rows
 from codeq.quant import (
     DeadZoneLDZCompander,
     FakeQuantParametrization,
@@ -20,6 +19,8 @@ from codeq.quant import (
     split_param_groups,
     toggle_quantization,
 )
+from codeq.quant import quantizer as quantizer_module
+from codeq.quant.quantizer import _quantile_of_rows
 
 
 class _IdentityBackward(torch.autograd.Function):
@@ -214,8 +215,10 @@ def _stack_case(learned_bits=True):
     shapes = [(16, 8, 3, 3)] * 3 + [(10, 64)] * 2 + [(128, 64, 3, 3)] * 2  # the last: 73,728 (pre-selected)
     weights = [torch.randn(shape) * (i + 1) for i, shape in enumerate(shapes)]
     logits = [(0.2 + 0.4 * i, 2.5 - 0.35 * i) for i in range(len(shapes))]
-    quantizers = [DeadZoneLDZCompander(init_deadzone_logit=dz, init_bit_logit=bit, learnable_bit=learned_bits)
-                  for dz, bit in logits]
+    quantizers = [
+        DeadZoneLDZCompander(init_deadzone_logit=dz, init_bit_logit=bit, learnable_bit=learned_bits)
+        for dz, bit in logits
+    ]
     return weights, logits, quantizers
 
 
@@ -258,12 +261,24 @@ def _mixed_model():
     uniform 4 bits (layer3.0)."""
     torch.manual_seed(0)
     model = resnet20()
-    attach_weight_quantizers(model, ["conv1", "linear", "layer2.*", "layer3.0.*"], DeadZoneLDZCompander,
-                             {"init_bit_logit": 0.5, "init_deadzone_logit": 1.0})
-    attach_weight_quantizers(model, ["conv1", "linear", "layer1.*", "layer3.*"], DeadZoneLDZCompander,
-                             {"learnable_bit": False, "fixed_bit_val": 3})
-    attach_weight_quantizers(model, ["conv1", "linear", "layer1.*", "layer2.*", "layer3.1.*", "layer3.2.*"],
-                             UniformSymmetric, {"bitwidth": 4})
+    attach_weight_quantizers(
+        model,
+        ["conv1", "linear", "layer2.*", "layer3.0.*"],
+        DeadZoneLDZCompander,
+        {"init_bit_logit": 0.5, "init_deadzone_logit": 1.0},
+    )
+    attach_weight_quantizers(
+        model,
+        ["conv1", "linear", "layer1.*", "layer3.*"],
+        DeadZoneLDZCompander,
+        {"learnable_bit": False, "fixed_bit_val": 3},
+    )
+    attach_weight_quantizers(
+        model,
+        ["conv1", "linear", "layer1.*", "layer2.*", "layer3.1.*", "layer3.2.*"],
+        UniformSymmetric,
+        {"bitwidth": 4},
+    )
     for i, (_, _, fq) in enumerate(quantized_layers(model)):
         if isinstance(fq.quantizer, DeadZoneLDZCompander):
             fq.quantizer.logit_dz.data.fill_(0.3 + 0.1 * i)
@@ -358,7 +373,7 @@ def _ops_for_one_step(layers_per_shape, shapes=((16, 16, 3, 3), (32, 16, 3, 3)))
     quantizers = [DeadZoneLDZCompander() for _ in range(layers_per_shape * len(shapes))]
     weights = [torch.randn(shape, requires_grad=True) for shape in shapes for _ in range(layers_per_shape)]
     with _CountOps() as counter:
-        stacks = [torch.stack(weights[i * layers_per_shape:(i + 1) * layers_per_shape]) for i in range(len(shapes))]
+        stacks = [torch.stack(weights[i * layers_per_shape : (i + 1) * layers_per_shape]) for i in range(len(shapes))]
         outs = DeadZoneLDZCompander.quantize_stacked(quantizers, stacks)
         torch.stack([out.sum() for out in outs]).sum().backward()
     return counter.count

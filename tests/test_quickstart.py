@@ -1,4 +1,5 @@
 """The quick start's promise (`make run`), checked on real Fashion-MNIST: slow, minutes on a 2-core CPU."""
+
 import json
 import os
 import subprocess
@@ -17,7 +18,11 @@ def test_quickstart_reaches_its_accuracy_at_a_tenth_of_the_bit_operations(tmp_pa
     """≥ 0.85 test accuracy at ≤ 10 % unstructured Rel. BOPs, printing the final table."""
     run = subprocess.run(
         [sys.executable, "-m", "codeq.main", "experiment=quickstart", "logger=none", f"hydra.run.dir={tmp_path}"],
-        cwd=REPO, capture_output=True, text=True, timeout=1200, env={**os.environ, "WANDB_MODE": "disabled"},
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=1200,
+        env={**os.environ, "WANDB_MODE": "disabled"},
     )
     assert run.returncode == 0, run.stderr[-2000:]
     final = json.loads((tmp_path / "summary.json").read_text())["final"]

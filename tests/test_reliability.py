@@ -1,4 +1,5 @@
 """Issue 8 through the CLI: kill and resume exactly, corrupt checkpoints, signals, divergence, bad input."""
+
 import json
 import math
 import os
@@ -11,11 +12,11 @@ import time
 import numpy as np
 import pytest
 import torch
+from test_cli import ONE_THREAD, REPO, TINY, run_cli, run_in_process
 
 from codeq.checkpoint import CheckpointError, capture_rng_state, load_checkpoint, restore_rng_state, save_checkpoint
 from codeq.data import synthetic
 from codeq.rundir import RunFiles, read_metrics
-from test_cli import ONE_THREAD, REPO, TINY, run_cli, run_in_process
 
 TRAINING = [*TINY, "trainer.epochs=4", "trainer.viz_interval=100", "sparsity=group_lasso"]
 RESUMABLE = [*TRAINING, "logger=none"]
@@ -41,8 +42,14 @@ def poisoned_synthetic(poison_epoch: int, poison_step: int, **kwargs):
 
 
 def start_cli(*args, env=None):
-    return subprocess.Popen([sys.executable, "-m", "codeq.main", *args], cwd=REPO, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, env={**os.environ, **ONE_THREAD, **(env or {})})
+    return subprocess.Popen(
+        [sys.executable, "-m", "codeq.main", *args],
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, **ONE_THREAD, **(env or {})},
+    )
 
 
 def wait_for_rows(proc, run_dir, count, timeout=240):
@@ -124,10 +131,13 @@ def test_a_bad_checkpoint_is_one_clear_line(damage, tmp_path, monkeypatch, capsy
     assert failed == {"error": line.removeprefix("error: "), "type": "CheckpointError", "epoch": 0}
 
 
-@pytest.mark.parametrize("change, message", [
-    ("model=resnet32", "does not fit the configured model/optimizer"),
-    ("trainer.epochs=2", "trainer.epochs=2 but"),
-])
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        ("model=resnet32", "does not fit the configured model/optimizer"),
+        ("trainer.epochs=2", "trainer.epochs=2 but"),
+    ],
+)
 def test_checkpoint_of_another_config(change, message, tmp_path, monkeypatch, capsys):
     run_dir = tmp_path / "run"
     base = [*TINY, "trainer.epochs=1", "trainer.viz_interval=100", "logger=none", f"hydra.run.dir={run_dir}"]
@@ -140,13 +150,24 @@ def test_checkpoint_of_another_config(change, message, tmp_path, monkeypatch, ca
 
 def test_checkpoint_file_helpers(tmp_path):
     path = tmp_path / "last.pt"
-    state = {"epoch": 3, "epochs": 5, "model": {"w": torch.arange(4.0)}, "optimizer": {}, "lr_scheduler": {}, "rng": {},
-             "wandb_run_id": "abc", "partial": None}
+    state = {
+        "epoch": 3,
+        "epochs": 5,
+        "model": {"w": torch.arange(4.0)},
+        "optimizer": {},
+        "lr_scheduler": {},
+        "rng": {},
+        "wandb_run_id": "abc",
+        "partial": None,
+    }
     save_checkpoint(path, state)
     assert not list(tmp_path.glob(".*.tmp"))
     loaded = load_checkpoint(path)
-    assert loaded["epoch"] == 3 and loaded["wandb_run_id"] == "abc" and torch.equal(loaded["model"]["w"],
-                                                                                  torch.arange(4.0))
+    assert (
+        loaded["epoch"] == 3
+        and loaded["wandb_run_id"] == "abc"
+        and torch.equal(loaded["model"]["w"], torch.arange(4.0))
+    )
     torch.save({**state, "version": 99}, path)
     with pytest.raises(CheckpointError, match="format version 99"):
         load_checkpoint(path)
@@ -156,16 +177,34 @@ def test_rng_states_round_trip_through_a_checkpoint(tmp_path):
     def draw():
         return random.random(), float(np.random.rand()), torch.rand(3).tolist()
 
-    save_checkpoint(tmp_path / "last.pt", {"epoch": 0, "epochs": 1, "model": {}, "optimizer": {}, "lr_scheduler": {},
-                                           "rng": capture_rng_state(), "wandb_run_id": None, "partial": None})
+    save_checkpoint(
+        tmp_path / "last.pt",
+        {
+            "epoch": 0,
+            "epochs": 1,
+            "model": {},
+            "optimizer": {},
+            "lr_scheduler": {},
+            "rng": capture_rng_state(),
+            "wandb_run_id": None,
+            "partial": None,
+        },
+    )
     expected = draw()
     restore_rng_state(load_checkpoint(tmp_path / "last.pt")["rng"])
     assert draw() == expected
 
 
 def test_resume_without_a_checkpoint_starts_from_epoch_zero(tmp_path, monkeypatch):
-    code = run_in_process(*TINY, "trainer.epochs=1", "trainer.viz_interval=100", "logger=none", "trainer.resume=true",
-                          f"hydra.run.dir={tmp_path}", monkeypatch=monkeypatch)
+    code = run_in_process(
+        *TINY,
+        "trainer.epochs=1",
+        "trainer.viz_interval=100",
+        "logger=none",
+        "trainer.resume=true",
+        f"hydra.run.dir={tmp_path}",
+        monkeypatch=monkeypatch,
+    )
     assert code == 0
     assert "does not exist: starting from epoch 0" in (tmp_path / "main.log").read_text()
     assert [row["epoch"] for row in read_metrics(tmp_path / "metrics.jsonl")] == [0]
@@ -184,9 +223,17 @@ def test_half_written_metrics_line_is_dropped_and_rows_beyond_the_checkpoint_rep
 
 def test_nan_loss_stops_naming_epoch_step_and_knobs(tmp_path, monkeypatch, capsys):
     run_dir = tmp_path / "run"
-    code = run_in_process(*TINY, "trainer.epochs=3", "trainer.viz_interval=100", "logger=none",
-                          "dataset._target_=test_reliability.poisoned_synthetic", "+dataset.poison_epoch=1",
-                          "+dataset.poison_step=2", f"hydra.run.dir={run_dir}", monkeypatch=monkeypatch)
+    code = run_in_process(
+        *TINY,
+        "trainer.epochs=3",
+        "trainer.viz_interval=100",
+        "logger=none",
+        "dataset._target_=test_reliability.poisoned_synthetic",
+        "+dataset.poison_epoch=1",
+        "+dataset.poison_step=2",
+        f"hydra.run.dir={run_dir}",
+        monkeypatch=monkeypatch,
+    )
     assert code == 1
     (line,) = error_lines(capsys.readouterr().err)
     assert "non-finite loss at epoch 1, step 2" in line
@@ -220,8 +267,9 @@ BAD_OVERRIDES = [
 
 @pytest.mark.parametrize("overrides, key", BAD_OVERRIDES, ids=[k for _, k in BAD_OVERRIDES])
 def test_bad_value_is_one_line_naming_the_key(overrides, key, tmp_path, monkeypatch, capsys):
-    code = run_in_process(*TINY, "trainer.epochs=1", "logger=none", *overrides, f"hydra.run.dir={tmp_path}",
-                          monkeypatch=monkeypatch)
+    code = run_in_process(
+        *TINY, "trainer.epochs=1", "logger=none", *overrides, f"hydra.run.dir={tmp_path}", monkeypatch=monkeypatch
+    )
     stderr = capsys.readouterr().err
     assert code == 2
     (line,) = error_lines(stderr)
@@ -232,8 +280,15 @@ def test_bad_value_is_one_line_naming_the_key(overrides, key, tmp_path, monkeypa
 def test_missing_dataset_without_download_names_the_root(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr("codeq.data.DEBIAN_FASHION_MNIST_DIR", tmp_path / "absent")
     for dataset in ("cifar10", "fashion_mnist"):
-        code = run_in_process("trainer.device=cpu", "logger=none", f"dataset={dataset}", f"dataset.root={tmp_path}",
-                              "dataset.download=false", f"hydra.run.dir={tmp_path / dataset}", monkeypatch=monkeypatch)
+        code = run_in_process(
+            "trainer.device=cpu",
+            "logger=none",
+            f"dataset={dataset}",
+            f"dataset.root={tmp_path}",
+            "dataset.download=false",
+            f"hydra.run.dir={tmp_path / dataset}",
+            monkeypatch=monkeypatch,
+        )
         stderr = capsys.readouterr().err
         assert code == 2
         (line,) = error_lines(stderr)

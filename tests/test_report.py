@@ -55,9 +55,7 @@ def make_run(run_dir, overrides, rows=(), status="completed", epochs=None, faile
     }
     if failed is not None:
         summary["error"] = failed
-        (run_dir / "failed.json").write_text(
-            json.dumps({"error": failed, "type": "RuntimeError", "epoch": None})
-        )
+        (run_dir / "failed.json").write_text(json.dumps({"error": failed, "type": "RuntimeError", "epoch": None}))
     (run_dir / "summary.json").write_text(json.dumps(summary))
     return run_dir
 
@@ -133,15 +131,49 @@ def test_table_rows_and_values(sweep):
     assert report.keys == ["sparsity"]
     header, cells = report.table()
     assert header == [
-        "run", "sparsity", "final acc %", "best acc %", "sparsity %", "mean bits",
-        "struct BOPs %", "struct ratio", "unstruct BOPs %", "unstruct ratio", "epochs", "status",
+        "run",
+        "sparsity",
+        "final acc %",
+        "best acc %",
+        "sparsity %",
+        "mean bits",
+        "struct BOPs %",
+        "struct ratio",
+        "unstruct BOPs %",
+        "unstruct ratio",
+        "epochs",
+        "status",
     ]
     # job 0: final 0.90, best 0.90, sparsity 0.75, bits 3.5, ratios 25 (4 %) and 40 (2.5 %)
-    assert cells[0] == ["0", "group_lasso", "90.00", "90.00", "75.0", "3.50",
-                        "4.00", "25.0x", "2.50", "40.0x", "2/2", "completed"]
+    assert cells[0] == [
+        "0",
+        "group_lasso",
+        "90.00",
+        "90.00",
+        "75.0",
+        "3.50",
+        "4.00",
+        "25.0x",
+        "2.50",
+        "40.0x",
+        "2/2",
+        "completed",
+    ]
     # job 1: final 0.82 but best 0.85 (epoch 0); ratios 8 (12.5 %) and 80 (1.25 %)
-    assert cells[1] == ["1", "l1_kernel", "82.00", "85.00", "50.0", "4.00",
-                        "12.50", "8.0x", "1.25", "80.0x", "2/2", "completed"]
+    assert cells[1] == [
+        "1",
+        "l1_kernel",
+        "82.00",
+        "85.00",
+        "50.0",
+        "4.00",
+        "12.50",
+        "8.0x",
+        "1.25",
+        "80.0x",
+        "2/2",
+        "completed",
+    ]
     assert cells[2] == ["2", "bogus", *["-"] * 8, "0/2", "failed"]
     assert report.runs[2].error == "sparsity: unknown option 'bogus'"
     assert report.label(0) == "sparsity=group_lasso"
@@ -153,9 +185,20 @@ def test_csv_columns_values_and_outputs(sweep, tmp_path, capsys):
     with (out / "report.csv").open() as handle:
         rows = list(csv.DictReader(handle))
     assert list(rows[0]) == [
-        "run", "sparsity", "final_accuracy_pct", "best_accuracy_pct", "unstructured_sparsity_pct",
-        "mean_bits", "structured_rel_bops_pct", "structured_bops_ratio", "unstructured_rel_bops_pct",
-        "unstructured_bops_ratio", "epochs_completed", "epochs_planned", "status", "error",
+        "run",
+        "sparsity",
+        "final_accuracy_pct",
+        "best_accuracy_pct",
+        "unstructured_sparsity_pct",
+        "mean_bits",
+        "structured_rel_bops_pct",
+        "structured_bops_ratio",
+        "unstructured_rel_bops_pct",
+        "unstructured_bops_ratio",
+        "epochs_completed",
+        "epochs_planned",
+        "status",
+        "error",
     ]
     assert float(rows[1]["final_accuracy_pct"]) == pytest.approx(82.0)
     assert float(rows[1]["best_accuracy_pct"]) == pytest.approx(85.0)
@@ -185,8 +228,11 @@ def test_single_run_writes_into_its_dir_and_names_the_run(tmp_path):
 def test_two_sweeps_show_only_differing_keys_with_sweep_prefix(tmp_path):
     for sweep_name, lr in (("a", "0.1"), ("b", "0.2")):
         for job, sparsity in enumerate(("none", "group_lasso")):
-            make_run(tmp_path / sweep_name / str(job), [f"sparsity={sparsity}", f"lr={lr}", "seed=0"],
-                     [metrics_row(0, 0.5 + job / 10, 2.0, 4.0)])
+            make_run(
+                tmp_path / sweep_name / str(job),
+                [f"sparsity={sparsity}", f"lr={lr}", "seed=0"],
+                [metrics_row(0, 0.5 + job / 10, 2.0, 4.0)],
+            )
     report = Report.of(collect_runs([tmp_path / "a", tmp_path / "b"]))
     assert report.names == ["a/0", "a/1", "b/0", "b/1"]
     assert report.keys == ["sparsity", "lr"]
@@ -195,10 +241,14 @@ def test_two_sweeps_show_only_differing_keys_with_sweep_prefix(tmp_path):
 
 def test_interrupted_run_and_dead_model_infinity(tmp_path):
     dead = metrics_row(2, 0.10, 1.0, 1.0)
-    dead.update({
-        "compression/structured_bops_ratio": math.inf, "compression/unstructured_bops_ratio": math.inf,
-        "compression/structured_rel_bops_pct": 0.0, "compression/unstructured_rel_bops_pct": 0.0,
-    })
+    dead.update(
+        {
+            "compression/structured_bops_ratio": math.inf,
+            "compression/unstructured_bops_ratio": math.inf,
+            "compression/structured_rel_bops_pct": 0.0,
+            "compression/unstructured_rel_bops_pct": 0.0,
+        }
+    )
     rows = [metrics_row(0, 0.3, 2.0, 4.0), metrics_row(1, 0.4, 2.0, 4.0), dead]
     run = make_run(tmp_path / "run", ["sparsity.weight=100"], rows, status="interrupted", epochs=10)
     assert "Infinity" in (run / "metrics.jsonl").read_text()
@@ -221,8 +271,9 @@ def test_failed_job_alone_still_gets_a_report(tmp_path):
 
 
 def test_partial_last_metrics_line_is_dropped(tmp_path):
-    run = make_run(tmp_path / "run", [], [metrics_row(0, 0.3, 2.0, 4.0), metrics_row(1, 0.4, 2.0, 4.0)],
-                   status="running", epochs=5)
+    run = make_run(
+        tmp_path / "run", [], [metrics_row(0, 0.3, 2.0, 4.0), metrics_row(1, 0.4, 2.0, 4.0)], status="running", epochs=5
+    )
     with (run / "metrics.jsonl").open("a") as handle:
         handle.write('{"epoch": 2, "eval/accura')
     rows = read_metrics(run / "metrics.jsonl")
@@ -242,8 +293,9 @@ def test_resumed_epoch_rewritten_keeps_the_last_row(tmp_path):
 
 
 def run_cli(*args):
-    return subprocess.run([sys.executable, "-m", "codeq.report", *args], cwd=REPO_ROOT,
-                          capture_output=True, text=True, timeout=120)
+    return subprocess.run(
+        [sys.executable, "-m", "codeq.report", *args], cwd=REPO_ROOT, capture_output=True, text=True, timeout=120
+    )
 
 
 def test_cli_unreadable_runs_are_one_line_each_and_others_still_report(sweep):

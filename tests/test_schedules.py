@@ -1,4 +1,5 @@
 """Tests for sparsity coefficient schedule factories."""
+
 import math
 from pathlib import Path
 
@@ -38,9 +39,9 @@ def test_linear_warmup_delay_phase():
 def test_linear_warmup_ramp_phase():
     """Linear increase from 0 to 1 during ramp period."""
     fn = linear_warmup(delay=50, ramp=20)
-    assert fn(50, 200) == 0.0   # start of ramp
-    assert fn(60, 200) == 0.5   # midpoint of ramp
-    assert fn(70, 200) == 1.0   # end of ramp
+    assert fn(50, 200) == 0.0  # start of ramp
+    assert fn(60, 200) == 0.5  # midpoint of ramp
+    assert fn(70, 200) == 1.0  # end of ramp
 
 
 def test_linear_warmup_after_ramp():

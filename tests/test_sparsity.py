@@ -1,4 +1,5 @@
 """Tests for structured sparsity loss functions."""
+
 import math
 from pathlib import Path
 
@@ -8,6 +9,7 @@ import torch.nn as nn
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 from torch.nn.utils import parametrize
+from toy_models import TinyConvNet
 
 from codeq.errors import ConfigError
 from codeq.models import resnet20
@@ -19,7 +21,6 @@ from codeq.sparsity import (
     no_sparsity,
     row_l2_norms,
 )
-from toy_models import TinyConvNet
 
 SPARSITY_CONF = Path(__file__).resolve().parents[1] / "conf" / "sparsity"
 
@@ -71,7 +72,7 @@ def test_group_lasso_channels_value():
         if isinstance(m, nn.Conv2d):
             nn.init.ones_(m.weight)
     loss = group_lasso_channels(model)
-    expected = 4 * (27 ** 0.5) + 48.0
+    expected = 4 * (27**0.5) + 48.0
     assert abs(loss.item() - expected) < 1e-4
 
 
@@ -156,7 +157,7 @@ def _plan_group_lasso_blocks(model, block_size):
         if isinstance(m, nn.Conv2d):
             w = m.weight
             for i in range(0, w.shape[0], block_size):
-                loss = loss + w[i:i + block_size].norm(p=2)
+                loss = loss + w[i : i + block_size].norm(p=2)
     return loss
 
 
@@ -424,7 +425,10 @@ def _instantiate(name, *overrides):
 
 def test_sparsity_group_has_exactly_the_four_losses():
     assert sorted(p.stem for p in SPARSITY_CONF.glob("*.yaml")) == [
-        "group_lasso", "group_lasso_blocks", "l1_kernel", "none",
+        "group_lasso",
+        "group_lasso_blocks",
+        "l1_kernel",
+        "none",
     ]
 
 

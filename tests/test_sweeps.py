@@ -1,5 +1,6 @@
 """Hydra multiruns through the real CLI: basic and joblib launchers, failing jobs, experiment=sweep_sparsity,
 W&B naming per job, the report over sweep dirs, and (slow) submitit_local with a requeued, resumed job."""
+
 import csv
 import json
 import os
@@ -10,20 +11,24 @@ import time
 from pathlib import Path
 
 import pytest
-import torch
 import yaml
+from test_cli import ONE_THREAD, REPO, TINY, run_cli, run_in_process
 
 import codeq.loggers
 from codeq.rundir import read_metrics
-from test_cli import ONE_THREAD, REPO, TINY, run_cli, run_in_process
 
 ONE_EPOCH = [*TINY, "trainer.epochs=1", "logger=none"]
 VOLATILE = ("time/", "train/images_per_s")
 # group_lasso's λ on the command line: -1 (bad input: the first job fails before training), 0 (no term), 1e-3.
 BASIC_GRID = ["sparsity=group_lasso", "sparsity.weight=-1,0,1e-3"]
 # lr 1e30 diverges at step 1: a job failing in the middle of training, in a joblib worker process.
-JOBLIB_GRID = ["sparsity=group_lasso", "sparsity.weight=1e-3", "optimizer.lr=1e30,1e-3,2e-3",
-               "hydra/launcher=joblib", "hydra.launcher.n_jobs=2"]
+JOBLIB_GRID = [
+    "sparsity=group_lasso",
+    "sparsity.weight=1e-3",
+    "optimizer.lr=1e30,1e-3,2e-3",
+    "hydra/launcher=joblib",
+    "hydra.launcher.n_jobs=2",
+]
 SWEEP_SPARSITY = [(wd, weight) for wd in ("0.01", "0.05") for weight in ("0", "0.0001", "0.0005", "0.002")]
 
 
@@ -86,8 +91,11 @@ def test_basic_launcher_runs_every_job_in_its_own_dir_and_a_bad_one_fails_alone(
     assert_completed_one_epoch(with_lasso, 1e-3)
 
     failed = json.loads((bad / "failed.json").read_text())
-    assert failed == {"error": "sparsity.weight must be a finite number >= 0, got -1", "type": "ConfigError",
-                      "epoch": None}
+    assert failed == {
+        "error": "sparsity.weight must be a finite number >= 0, got -1",
+        "type": "ConfigError",
+        "epoch": None,
+    }
     assert summary_of(bad)["status"] == "failed" and summary_of(bad)["epochs_completed"] == 0
     assert not (bad / "metrics.jsonl").exists()
 
@@ -97,8 +105,9 @@ def test_joblib_runs_jobs_in_parallel_workers_and_a_diverging_one_fails_alone(jo
     assert proc.returncode == 1
     assert "Traceback" not in proc.stderr
     assert "Joblib.Parallel(n_jobs=2," in proc.stdout
-    assert any(line.startswith("error: training diverged: non-finite loss at epoch 0") for line in
-               proc.stderr.splitlines())
+    assert any(
+        line.startswith("error: training diverged: non-finite loss at epoch 0") for line in proc.stderr.splitlines()
+    )
     diverged, first, second = job_dirs(sweep)
     assert [job_overrides(d)["optimizer.lr"] for d in (diverged, first, second)] == ["1e+30", "0.001", "0.002"]
     for job_dir in (first, second):
@@ -106,8 +115,10 @@ def test_joblib_runs_jobs_in_parallel_workers_and_a_diverging_one_fails_alone(jo
         hydra_cfg = yaml.safe_load((job_dir / ".hydra" / "hydra.yaml").read_text())["hydra"]
         assert hydra_cfg["runtime"]["choices"]["hydra/launcher"] == "joblib"
     # same seed and data, different lr: the two jobs really trained with their own settings
-    assert read_metrics(first / "metrics.jsonl")[0]["train/ce_loss"] != read_metrics(second / "metrics.jsonl")[0][
-        "train/ce_loss"]
+    assert (
+        read_metrics(first / "metrics.jsonl")[0]["train/ce_loss"]
+        != read_metrics(second / "metrics.jsonl")[0]["train/ce_loss"]
+    )
 
     failed = json.loads((diverged / "failed.json").read_text())
     assert failed["type"] == "TrainingDiverged" and failed["epoch"] is None
@@ -117,17 +128,35 @@ def test_joblib_runs_jobs_in_parallel_workers_and_a_diverging_one_fails_alone(jo
 
 def test_report_over_two_sweeps_has_one_row_per_job(basic_sweep, joblib_sweep, tmp_path):
     (basic, _), (joblib, _) = basic_sweep, joblib_sweep
-    proc = subprocess.run([sys.executable, "-m", "codeq.report", str(basic), str(joblib), "--out", str(tmp_path)],
-                          cwd=REPO, capture_output=True, text=True, env={**os.environ, **ONE_THREAD}, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-m", "codeq.report", str(basic), str(joblib), "--out", str(tmp_path)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        env={**os.environ, **ONE_THREAD},
+        timeout=120,
+    )
     assert proc.returncode == 0, proc.stderr
     with open(tmp_path / "report.csv") as handle:
         rows = list(csv.DictReader(handle))
     runs = [f"{sweep.name}/{n}" for sweep in (basic, joblib) for n in range(3)]
     assert [row["run"] for row in rows] == runs
     assert list(rows[0]) == [
-        "run", "sparsity.weight", "optimizer.lr", "final_accuracy_pct", "best_accuracy_pct",
-        "unstructured_sparsity_pct", "mean_bits", "structured_rel_bops_pct", "structured_bops_ratio",
-        "unstructured_rel_bops_pct", "unstructured_bops_ratio", "epochs_completed", "epochs_planned", "status", "error",
+        "run",
+        "sparsity.weight",
+        "optimizer.lr",
+        "final_accuracy_pct",
+        "best_accuracy_pct",
+        "unstructured_sparsity_pct",
+        "mean_bits",
+        "structured_rel_bops_pct",
+        "structured_bops_ratio",
+        "unstructured_rel_bops_pct",
+        "unstructured_bops_ratio",
+        "epochs_completed",
+        "epochs_planned",
+        "status",
+        "error",
     ]
     assert [row["status"] for row in rows] == ["failed", "completed", "completed", "diverged", "completed", "completed"]
     assert [row["sparsity.weight"] for row in rows] == ["-1", "0", "0.001", "0.001", "0.001", "0.001"]
@@ -138,11 +167,14 @@ def test_report_over_two_sweeps_has_one_row_per_job(basic_sweep, joblib_sweep, t
             final = summary_of(job)["final"]
             assert float(row["final_accuracy_pct"]) == pytest.approx(100 * final["eval/accuracy"])
             assert float(row["unstructured_rel_bops_pct"]) == pytest.approx(
-                final["compression/unstructured_rel_bops_pct"])
+                final["compression/unstructured_rel_bops_pct"]
+            )
             assert row["epochs_completed"] == "1" and row["error"] == ""
         else:
-            assert row["epochs_completed"] == "0" and row["error"] == json.loads((job / "failed.json").read_text())[
-                "error"]
+            assert (
+                row["epochs_completed"] == "0"
+                and row["error"] == json.loads((job / "failed.json").read_text())["error"]
+            )
     lines = proc.stdout.splitlines()
     assert [line.split()[0] for line in lines if line.split() and line.split()[0] in runs] == runs  # table rows
     assert f"{runs[0]}: failed: sparsity.weight must be a finite number >= 0, got -1" in lines
@@ -167,8 +199,9 @@ def sparsity_sweep(tmp_path_factory):
     RecordingLogger.runs = []
     with pytest.MonkeyPatch.context() as monkeypatch:
         monkeypatch.setattr(codeq.loggers, "NullLogger", RecordingLogger)
-        code = run_in_process("experiment=sweep_sparsity", *ONE_EPOCH, f"hydra.sweep.dir={sweep}",
-                              monkeypatch=monkeypatch)
+        code = run_in_process(
+            "experiment=sweep_sparsity", *ONE_EPOCH, f"hydra.sweep.dir={sweep}", monkeypatch=monkeypatch
+        )
     return sweep, code, list(RecordingLogger.runs)
 
 
@@ -176,8 +209,9 @@ def test_sweep_sparsity_runs_the_eight_run_grid(sparsity_sweep):
     sweep, code, _ = sparsity_sweep
     assert code == 0
     jobs = job_dirs(sweep)
-    assert [(job_overrides(d)["optimizer.weight_decay_dz"], job_overrides(d)["sparsity.weight"]) for d in jobs] == \
-        SWEEP_SPARSITY
+    assert [
+        (job_overrides(d)["optimizer.weight_decay_dz"], job_overrides(d)["sparsity.weight"]) for d in jobs
+    ] == SWEEP_SPARSITY
     for job_dir, (wd, weight) in zip(jobs, SWEEP_SPARSITY):
         cfg = job_config(job_dir)
         assert cfg["optimizer"]["weight_decay_dz"] == float(wd) and cfg["sparsity"]["weight"] == float(weight)
@@ -205,17 +239,29 @@ def test_each_sweep_job_is_its_own_wandb_run_grouped_by_the_sweep(sparsity_sweep
         assert not any(part.startswith(("logger", "trainer.device", "trainer.resume")) for part in parts)
 
 
-@pytest.mark.parametrize("override, expected", [
-    ("sparsity.weight=5e-4", [("0.01", "0.0005"), ("0.05", "0.0005")]),
-    ("optimizer.weight_decay_dz=0,1", [(wd, w) for wd in ("0", "1") for w in ("0", "0.0001", "0.0005", "0.002")]),
-], ids=["value", "sweep"])
+@pytest.mark.parametrize(
+    "override, expected",
+    [
+        ("sparsity.weight=5e-4", [("0.01", "0.0005"), ("0.05", "0.0005")]),
+        ("optimizer.weight_decay_dz=0,1", [(wd, w) for wd in ("0", "1") for w in ("0", "0.0001", "0.0005", "0.002")]),
+    ],
+    ids=["value", "sweep"],
+)
 def test_a_command_line_override_of_a_swept_key_replaces_its_grid(override, expected, tmp_path, monkeypatch):
-    code = run_in_process("experiment=sweep_sparsity", *TINY, "logger=none", "trainer.epochs=-1", override,
-                          f"hydra.sweep.dir={tmp_path}", monkeypatch=monkeypatch)
+    code = run_in_process(
+        "experiment=sweep_sparsity",
+        *TINY,
+        "logger=none",
+        "trainer.epochs=-1",
+        override,
+        f"hydra.sweep.dir={tmp_path}",
+        monkeypatch=monkeypatch,
+    )
     assert code == 1  # trainer.epochs=-1 fails every job at once: only the grid is under test here
     jobs = job_dirs(tmp_path)
-    assert [(job_overrides(d)["optimizer.weight_decay_dz"], job_overrides(d)["sparsity.weight"]) for d in jobs] == \
-        expected
+    assert [
+        (job_overrides(d)["optimizer.weight_decay_dz"], job_overrides(d)["sparsity.weight"]) for d in jobs
+    ] == expected
 
 
 def test_slurm_preset_renders_an_sbatch_array_with_one_gpu_per_job(tmp_path):
@@ -227,13 +273,28 @@ def test_slurm_preset_renders_an_sbatch_array_with_one_gpu_per_job(tmp_path):
     for tool in bin_dir.iterdir():
         tool.chmod(0o755)
     script = tmp_path / "sbatch.sh"
-    proc = run_cli("experiment=sweep_sparsity", "dataset=synthetic", "hydra/launcher=slurm_1gpu",
-                   "hydra.launcher.partition=gpu", f"hydra.sweep.dir={tmp_path / 'sweep'}",
-                   env={"PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}", "CAPTURED_SBATCH": str(script)})
+    proc = run_cli(
+        "experiment=sweep_sparsity",
+        "dataset=synthetic",
+        "hydra/launcher=slurm_1gpu",
+        "hydra.launcher.partition=gpu",
+        f"hydra.sweep.dir={tmp_path / 'sweep'}",
+        env={"PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}", "CAPTURED_SBATCH": str(script)},
+    )
     assert proc.returncode != 0 and script.exists(), proc.stderr
     lines = script.read_text().splitlines()
-    for option in ("--array=0-7%8", "--gpus-per-node=1", "--nodes=1", "--ntasks-per-node=1", "--cpus-per-task=4",
-                   "--mem=16GB", "--partition=gpu", "--time=240", "--signal=USR2@120", "--job-name=codeq"):
+    for option in (
+        "--array=0-7%8",
+        "--gpus-per-node=1",
+        "--nodes=1",
+        "--ntasks-per-node=1",
+        "--cpus-per-task=4",
+        "--mem=16GB",
+        "--partition=gpu",
+        "--time=240",
+        "--signal=USR2@120",
+        "--job-name=codeq",
+    ):
         assert f"#SBATCH {option}" in lines
     assert lines[-1].endswith(f"{sys.executable} -u -m submitit.core._submit {tmp_path / 'sweep'}/.submitit/%j")
 
@@ -249,8 +310,11 @@ def submitit_task_pid(sweep: Path, job_id: str) -> int:
                 environ = (proc_dir / "environ").read_bytes().split(b"\0")
             except OSError:
                 continue
-            if (b"submitit.core._submit" in command and any(arg.startswith(folder) for arg in command)
-                    and f"SUBMITIT_LOCAL_JOB_ID={job_id}".encode() in environ):
+            if (
+                b"submitit.core._submit" in command
+                and any(arg.startswith(folder) for arg in command)
+                and f"SUBMITIT_LOCAL_JOB_ID={job_id}".encode() in environ
+            ):
                 return int(proc_dir.name)
     raise AssertionError(f"no submitit task for job {job_id} under {sweep}")
 
@@ -259,17 +323,39 @@ def submitit_task_pid(sweep: Path, job_id: str) -> int:
 def test_submitit_local_requeues_a_preempted_job_which_resumes_exactly(tmp_path, monkeypatch):
     """SIGUSR2 (what SLURM sends before a timeout) -> submitit requeues the job in its own dir -> resume=true continues
     from last.pt; the rows equal an uninterrupted run's. The other job diverges: the sweep still exits 1, one line."""
-    training = ["dataset=synthetic", "dataset.input_size=[3,16,16]", "dataset.train_size=512", "dataset.test_size=64",
-                "dataset.batch_size=32", "trainer.device=cpu", "trainer.epochs=5", "trainer.viz_interval=100",
-                "logger=none"]
+    training = [
+        "dataset=synthetic",
+        "dataset.input_size=[3,16,16]",
+        "dataset.train_size=512",
+        "dataset.test_size=64",
+        "dataset.batch_size=32",
+        "trainer.device=cpu",
+        "trainer.epochs=5",
+        "trainer.viz_interval=100",
+        "logger=none",
+    ]
     reference = tmp_path / "reference"
     assert run_in_process(*training, f"hydra.run.dir={reference}", monkeypatch=monkeypatch) == 0
 
     sweep = tmp_path / "sweep"
     proc = subprocess.Popen(
-        [sys.executable, "-m", "codeq.main", "-m", *training, "trainer.resume=true", "optimizer.lr=1e-3,1e30",
-         "hydra/launcher=submitit_local", f"hydra.sweep.dir={sweep}"],
-        cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={**os.environ, **ONE_THREAD})
+        [
+            sys.executable,
+            "-m",
+            "codeq.main",
+            "-m",
+            *training,
+            "trainer.resume=true",
+            "optimizer.lr=1e-3,1e30",
+            "hydra/launcher=submitit_local",
+            f"hydra.sweep.dir={sweep}",
+        ],
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, **ONE_THREAD},
+    )
     job = sweep / "0"
     deadline = time.monotonic() + 240
     while len(read_metrics(job / "metrics.jsonl")) < 2:

@@ -1,4 +1,5 @@
 """The training loop on a tiny model and in-memory data: loss accounting, caching, files, resume, stops."""
+
 import json
 import math
 import os
@@ -27,7 +28,6 @@ from codeq.trainer import (
 CPU = torch.device("cpu")
 
 
-
 class TinyNet(nn.Module):
     """conv(1→4, 3×3) → ReLU → global average pool → linear(4→3); no BatchNorm, so eval = train math."""
 
@@ -52,9 +52,11 @@ class TinyData:
     def __init__(self, num_train=24, num_test=12, batch_size=8, hook=None):
         generator = torch.Generator().manual_seed(0)
         templates = torch.randn(3, 1, 6, 6, generator=generator)
+
         def make(n):
             y = torch.arange(n) % 3
             return templates[y] + 0.5 * torch.randn(n, 1, 6, 6, generator=generator), y
+
         self.train_x, self.train_y = make(num_train)
         self.test_x, self.test_y = make(num_test)
         self.num_train, self.num_test, self.batch_size, self.hook = num_train, num_test, batch_size, hook
@@ -84,21 +86,44 @@ class CountingDeadZone(DeadZoneLDZCompander):
         return super().quantize_stacked(quantizers, stacks)
 
 
-def make_trainer(run_dir, *, epochs=2, data=None, sparsity_fn=None, weight=0.0, schedule=None, lr=1e-2,
-                 quantizer=DeadZoneLDZCompander, figure_fn=None, viz_interval=25, log_every_steps=25, precision="fp32"):
+def make_trainer(
+    run_dir,
+    *,
+    epochs=2,
+    data=None,
+    sparsity_fn=None,
+    weight=0.0,
+    schedule=None,
+    lr=1e-2,
+    quantizer=DeadZoneLDZCompander,
+    figure_fn=None,
+    viz_interval=25,
+    log_every_steps=25,
+    precision="fp32",
+):
     torch.manual_seed(0)
     model = TinyNet()
     evaluator = Evaluator(model, input_size=TinyData.input_size)
     attach_weight_quantizers(model, exclude_layers=[], quantizer=quantizer)
-    optimizer = build_adamw(model, lr=lr, weight_decay=0.0, lr_dz=lr, weight_decay_dz=0.0, lr_bit=lr,
-                            weight_decay_bit=0.0)
-    config = TrainerConfig(epochs=epochs, device="cpu", viz_interval=viz_interval, log_every_steps=log_every_steps,
-                           precision=precision)
+    optimizer = build_adamw(
+        model, lr=lr, weight_decay=0.0, lr_dz=lr, weight_decay_dz=0.0, lr_bit=lr, weight_decay_bit=0.0
+    )
+    config = TrainerConfig(
+        epochs=epochs, device="cpu", viz_interval=viz_interval, log_every_steps=log_every_steps, precision=precision
+    )
     return Trainer(
-        config, model=model, data=data or TinyData(), optimizer=optimizer,
-        lr_scheduler=torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=epochs), evaluator=evaluator,
-        schedule=schedule or (lambda epoch, total: 1.0), sparsity_fn=sparsity_fn, sparsity_weight=weight,
-        figure_fn=figure_fn or (lambda model, result: {}), files=RunFiles(run_dir, epochs=epochs), device=CPU,
+        config,
+        model=model,
+        data=data or TinyData(),
+        optimizer=optimizer,
+        lr_scheduler=torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=epochs),
+        evaluator=evaluator,
+        schedule=schedule or (lambda epoch, total: 1.0),
+        sparsity_fn=sparsity_fn,
+        sparsity_weight=weight,
+        figure_fn=figure_fn or (lambda model, result: {}),
+        files=RunFiles(run_dir, epochs=epochs),
+        device=CPU,
     )
 
 
@@ -116,16 +141,18 @@ def linear_l1(model):
 
 def test_loss_is_ce_plus_weight_times_schedule_times_sparsity(tmp_path):
     coefficients = [0.0, 0.5, 1.0]
-    trainer = make_trainer(tmp_path, epochs=3, sparsity_fn=linear_l1, weight=0.1,
-                           schedule=lambda epoch, total: coefficients[epoch])
+    trainer = make_trainer(
+        tmp_path, epochs=3, sparsity_fn=linear_l1, weight=0.1, schedule=lambda epoch, total: coefficients[epoch]
+    )
     trainer.fit(logger(tmp_path))
     rows = read_metrics(tmp_path / "metrics.jsonl")
     assert [row["epoch"] for row in rows] == [0, 1, 2]
     assert [row["train/sparsity_coeff"] for row in rows] == coefficients
     for row, coeff in zip(rows, coefficients):
         assert row["train/sparsity_loss"] > 0
-        assert row["train/loss"] == pytest.approx(row["train/ce_loss"] + 0.1 * coeff * row["train/sparsity_loss"],
-                                                  rel=1e-6)
+        assert row["train/loss"] == pytest.approx(
+            row["train/ce_loss"] + 0.1 * coeff * row["train/sparsity_loss"], rel=1e-6
+        )
 
 
 def test_without_a_sparsity_fn_the_term_is_zero(tmp_path):
@@ -138,8 +165,14 @@ def test_without_a_sparsity_fn_the_term_is_zero(tmp_path):
 def test_each_quantizer_runs_once_per_step_even_with_a_sparsity_loss(tmp_path):
     seen = []
     data = TinyData(hook=lambda epoch, step, x: seen.append(CountingDeadZone.calls) or x)
-    trainer = make_trainer(tmp_path, epochs=1, data=data, sparsity_fn=lambda m: linear_l1(m) + m.conv.weight.abs().sum(),
-                           weight=0.1, quantizer=CountingDeadZone)
+    trainer = make_trainer(
+        tmp_path,
+        epochs=1,
+        data=data,
+        sparsity_fn=lambda m: linear_l1(m) + m.conv.weight.abs().sum(),
+        weight=0.1,
+        quantizer=CountingDeadZone,
+    )
     trainer.fit(logger(tmp_path))
     # 3 steps; between two batches the step ran the 2 quantized layers' quantizers exactly once each
     assert [b - a for a, b in zip(seen, seen[1:])] == [2, 2]
@@ -176,8 +209,14 @@ def test_files_after_a_run(tmp_path):
     assert summary["final"] == rows[-1]
     state = load_checkpoint(tmp_path / "last.pt")
     assert state["epoch"] == 2 and state["partial"] is None and state["wandb_run_id"] is None
-    for key in ("compression/structured_bops_ratio", "compression/unstructured_rel_bops_pct", "sparsity/unstructured",
-                "bits/mean", "layers/conv/bitwidth", "layers/linear/unstructured_pruning"):
+    for key in (
+        "compression/structured_bops_ratio",
+        "compression/unstructured_rel_bops_pct",
+        "sparsity/unstructured",
+        "bits/mean",
+        "layers/conv/bitwidth",
+        "layers/linear/unstructured_pruning",
+    ):
         assert key in rows[0]
 
 
@@ -200,7 +239,8 @@ def test_resume_after_a_crash_equals_an_uninterrupted_run(tmp_path):
     assert resumed.start_epoch == 2
     resumed.fit(logger(tmp_path / "b"))
     assert without_times(read_metrics(tmp_path / "b" / "metrics.jsonl")) == without_times(
-        read_metrics(tmp_path / "a" / "metrics.jsonl"))
+        read_metrics(tmp_path / "a" / "metrics.jsonl")
+    )
 
 
 def test_sigterm_mid_epoch_checkpoints_the_step_and_resumes_exactly(tmp_path):
@@ -224,7 +264,8 @@ def test_sigterm_mid_epoch_checkpoints_the_step_and_resumes_exactly(tmp_path):
     resumed.load_state_dict(state)
     resumed.fit(logger(tmp_path / "b"))
     assert without_times(read_metrics(tmp_path / "b" / "metrics.jsonl")) == without_times(
-        read_metrics(tmp_path / "a" / "metrics.jsonl"))
+        read_metrics(tmp_path / "a" / "metrics.jsonl")
+    )
 
 
 def test_nan_loss_stops_naming_epoch_and_step_and_keeps_the_last_good_state(tmp_path):
@@ -263,15 +304,17 @@ def test_build_adamw_validates_every_setting():
     with pytest.raises(ConfigError, match=r"optimizer.lr_dz must be a finite number >= 0, got -1"):
         build_adamw(model, lr=1e-3, weight_decay=0, lr_dz=-1, weight_decay_dz=0, lr_bit=1e-3, weight_decay_bit=0)
     with pytest.raises(ConfigError, match="optimizer.betas"):
-        build_adamw(model, lr=1e-3, weight_decay=0, lr_dz=0, weight_decay_dz=0, lr_bit=0, weight_decay_bit=0,
-                    betas=[0.9, 1.5])
+        build_adamw(
+            model, lr=1e-3, weight_decay=0, lr_dz=0, weight_decay_dz=0, lr_bit=0, weight_decay_bit=0, betas=[0.9, 1.5]
+        )
 
 
 def test_fixed_bits_leave_the_bit_group_out():
     model = TinyNet()
     attach_weight_quantizers(model, [], DeadZoneLDZCompander, {"learnable_bit": False})
-    optimizer = build_adamw(model, lr=1e-3, weight_decay=0, lr_dz=1e-3, weight_decay_dz=0.01, lr_bit=1e-3,
-                            weight_decay_bit=0.01)
+    optimizer = build_adamw(
+        model, lr=1e-3, weight_decay=0, lr_dz=1e-3, weight_decay_dz=0.01, lr_bit=1e-3, weight_decay_bit=0.01
+    )
     assert [(g["name"], len(g["params"])) for g in optimizer.param_groups] == [("weights", 3), ("deadzone", 2)]
 
 
@@ -286,13 +329,16 @@ def test_resolve_device():
             resolve_device("cuda")
 
 
-@pytest.mark.parametrize("key, value, message", [
-    ("epochs", -1, "trainer.epochs must be an integer >= 1, got -1"),
-    ("epochs", 0, "trainer.epochs must be an integer >= 1, got 0"),
-    ("viz_interval", 0, "trainer.viz_interval must be an integer >= 1, got 0"),
-    ("log_every_steps", 0, "trainer.log_every_steps must be an integer >= 1, got 0"),
-    ("precision", "fp16", "trainer.precision must be one of fp32, bf16, got 'fp16'"),
-])
+@pytest.mark.parametrize(
+    "key, value, message",
+    [
+        ("epochs", -1, "trainer.epochs must be an integer >= 1, got -1"),
+        ("epochs", 0, "trainer.epochs must be an integer >= 1, got 0"),
+        ("viz_interval", 0, "trainer.viz_interval must be an integer >= 1, got 0"),
+        ("log_every_steps", 0, "trainer.log_every_steps must be an integer >= 1, got 0"),
+        ("precision", "fp16", "trainer.precision must be one of fp32, bf16, got 'fp16'"),
+    ],
+)
 def test_trainer_config_validation(key, value, message):
     with pytest.raises(ConfigError) as info:
         TrainerConfig(**{key: value})

@@ -1,4 +1,5 @@
 """Small models shared by several test files."""
+
 from torch import nn
 
 

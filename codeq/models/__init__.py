@@ -1,4 +1,5 @@
 """Model zoo: CIFAR ResNets."""
+
 from codeq.models.resnet import (
     BasicBlock,
     LambdaLayer,

@@ -4,10 +4,11 @@ Depth 6n+2 with n basic blocks per stage; the option-A shortcut subsamples the i
 zero-pads the new channels (no parameters). Module names follow the classic implementation:
 ``conv1``, ``bn1``, ``layerS.B.{conv1,bn1,conv2,bn2,shortcut}``, ``linear``.
 """
+
 from __future__ import annotations
 
+from collections.abc import Callable
 from functools import partial
-from typing import Callable
 
 import torch
 import torch.nn.functional as F

@@ -1,4 +1,5 @@
 """CoDeQ weight quantizers and the helpers that attach them to a model."""
+
 from codeq.quant.parametrize import (
     FakeQuantParametrization,
     StackedFakeQuant,

@@ -1,11 +1,12 @@
 """Attach quantizers to Conv/Linear weights as parametrizations, toggle them, split optimizer groups."""
+
 from __future__ import annotations
 
 import contextlib
 import fnmatch
 import logging
 from collections import defaultdict
-from typing import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 
 import torch
 from torch import nn
@@ -135,8 +136,12 @@ class StackedFakeQuant:
             try:
                 for by_shape in self._batches():
                     layers = [layer for same_shape in by_shape.values() for layer in same_shape]
-                    stacks = [torch.stack([w for _, w in same_shape]) if len(same_shape) > 1
-                              else same_shape[0][1].unsqueeze(0) for same_shape in by_shape.values()]
+                    stacks = [
+                        torch.stack([w for _, w in same_shape])
+                        if len(same_shape) > 1
+                        else same_shape[0][1].unsqueeze(0)
+                        for same_shape in by_shape.values()
+                    ]
                     quantizers = [fq.quantizer for fq, _ in layers]
                     w_hats = type(quantizers[0]).quantize_stacked(quantizers, stacks)
                     for (fq, _), w_hat in zip(layers, (row for stack in w_hats for row in stack.unbind(0))):

@@ -3,11 +3,12 @@
 Straight-through estimators (the paper's: identity backward) are either written as
 ``x + (f(x) - x).detach()`` or, for the dead-zone quantizer's hot path, fused into one autograd node.
 """
+
 from __future__ import annotations
 
 import functools
 import math
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -61,7 +62,7 @@ def _quantile_of_rows(magnitudes: torch.Tensor, q: float = 0.99) -> torch.Tensor
 _CONSTANTS = (1.0, 0.5, 1e-8)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _constant_tensors(dtype: torch.dtype, device: torch.device) -> tuple[torch.Tensor, ...]:
     return tuple(torch.tensor(v, dtype=dtype, device=device) for v in _CONSTANTS)
 
@@ -151,8 +152,15 @@ class _DeadZoneLDZ(torch.autograd.Function):
             grad_ws.append(grad * sign_w.abs() if needed else None)  # |sign(w)| = sign(w)²
             if ctx.coeffs:
                 rows = grad.reshape(grad.shape[0], -1)
-                sums.append(torch.stack((torch.linalg.vecdot(x.reshape(rows.shape), rows),
-                                         torch.linalg.vecdot(y.reshape(rows.shape), rows)), dim=1))
+                sums.append(
+                    torch.stack(
+                        (
+                            torch.linalg.vecdot(x.reshape(rows.shape), rows),
+                            torch.linalg.vecdot(y.reshape(rows.shape), rows),
+                        ),
+                        dim=1,
+                    )
+                )
         logit_grads = {}
         if ctx.coeffs:
             grad_x, grad_y = torch.cat(sums).unbind(1)  # Σ g·x and Σ g·y of every layer
@@ -223,7 +231,7 @@ class DeadZoneLDZCompander(nn.Module):
 
     @classmethod
     def quantize_stacked(
-        cls, quantizers: Sequence["DeadZoneLDZCompander"], stacks: Sequence[torch.Tensor]
+        cls, quantizers: Sequence[DeadZoneLDZCompander], stacks: Sequence[torch.Tensor]
     ) -> tuple[torch.Tensor, ...]:
         """ŵ of many layers in one pass; ``stacks`` holds their weights, layers of one shape stacked as [G, ...].
 
@@ -234,8 +242,15 @@ class DeadZoneLDZCompander(nn.Module):
         fixed_bits = None if first.learnable_bit else first.fixed_bit_val
         logit_dz = torch.stack([q.logit_dz for q in quantizers])
         logit_bit = torch.stack([q.logit_bit for q in quantizers])
-        return _DeadZoneLDZ.apply(logit_dz, logit_bit, first.max_bits - first.min_bits, first.min_bits, fixed_bits,
-                                  torch.is_grad_enabled(), *stacks)
+        return _DeadZoneLDZ.apply(
+            logit_dz,
+            logit_bit,
+            first.max_bits - first.min_bits,
+            first.min_bits,
+            fixed_bits,
+            torch.is_grad_enabled(),
+            *stacks,
+        )
 
 
 class UniformSymmetric(nn.Module):
