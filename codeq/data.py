@@ -18,12 +18,13 @@ import struct
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import BatchSampler, DataLoader, Dataset, RandomSampler, SequentialSampler, default_collate
 
 from codeq.errors import ConfigError, DatasetNotFoundError
 
@@ -103,24 +104,48 @@ def crop_and_flip(
     return cropped_rows.gather(3, columns.view(n, 1, 1, w).expand(n, c, h, w))
 
 
-class _TensorBatches:
-    """Sized iterable of ``(x, y)`` batches of a split held as tensors; random draws happen in ``__iter__``."""
+def rank_slice(size: int, rank: int, world_size: int) -> slice:
+    """Rank ``rank``'s part of a global batch of ``size``: contiguous, disjoint, sizes differing by at most one,
+    together exactly the batch (``[rank·size // W, (rank+1)·size // W)``)."""
+    return slice(rank * size // world_size, (rank + 1) * size // world_size)
 
-    def __init__(self, data: DataModule, split: Split, epoch: int | None):
+
+def _check_shard(rank: int, world_size: int) -> None:
+    if not (isinstance(world_size, int) and world_size >= 1 and isinstance(rank, int) and 0 <= rank < world_size):
+        raise ValueError(f"rank must be in [0, world_size) with world_size >= 1, got rank {rank!r} of {world_size!r}")
+
+
+class _TensorBatches:
+    """Sized iterable of ``(x, y)`` batches of a split held as tensors; random draws happen in ``__iter__``.
+
+    With ``world_size`` > 1 each global batch of ``batch_size`` is cut by ``rank_slice`` and only this rank's
+    part is gathered and augmented: every rank yields the same number of batches, in the same global order.
+    """
+
+    def __init__(self, data: DataModule, split: Split, epoch: int | None, rank: int = 0, world_size: int = 1):
         self._data = data
         self._split = split
         self._epoch = epoch
+        self._rank = rank
+        self._world_size = world_size
 
     def __len__(self) -> int:
         return math.ceil(len(self._split) / self._data.batch_size)
 
+    def _parts(self, n: int):
+        """(start, stop) of this rank's part of each global batch."""
+        size = self._data.batch_size
+        for start in range(0, n, size):
+            part = rank_slice(min(size, n - start), self._rank, self._world_size)
+            yield start + part.start, start + part.stop
+
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        data, split, size = self._data, self._split, self._data.batch_size
+        data, split = self._data, self._split
         on_cpu = split.images.device.type == "cpu"
         if self._epoch is None:
-            for start in range(0, len(split), size):
+            for start, stop in self._parts(len(split)):
                 with _one_cpu_thread(on_cpu):
-                    batch = data._to_batch(split.images[start : start + size], split.labels[start : start + size])
+                    batch = data._to_batch(split.images[start:stop], split.labels[start:stop])
                 yield batch
             return
         generator = seeded_generator(data.seed, _STREAM_EPOCH, self._epoch)
@@ -132,12 +157,12 @@ class _TensorBatches:
             left = torch.randint(0, 2 * aug.padding + 1, (n,), generator=generator).to(storage)
             flip = torch.rand(n, generator=generator) < 0.5
             flip = (flip if aug.flip else torch.zeros_like(flip)).to(storage)
-        for start in range(0, n, size):
+        for start, stop in self._parts(n):
             with _one_cpu_thread(on_cpu):
-                index = order[start : start + size]
+                index = order[start:stop]
                 images = split.images.index_select(0, index)
                 if aug is not None:
-                    window = slice(start, start + size)
+                    window = slice(start, stop)
                     images = crop_and_flip(images, top[window], left[window], flip[window], aug.padding)
                 batch = data._to_batch(images, split.labels.index_select(0, index))
             yield batch
@@ -180,6 +205,29 @@ class _TransformedTensors(Dataset):
         with torch.random.fork_rng(devices=[]):
             torch.default_generator.manual_seed((self.base_seed + i) % 2**63)
             return self.transform(self.split.images[i]), self.split.labels[i]
+
+
+def _collate(input_size: tuple[int, ...], samples: list) -> tuple[torch.Tensor, torch.Tensor]:
+    """default_collate, and for a rank's empty part of a small last batch an empty batch of the right shape."""
+    if not samples:
+        return torch.empty(0, *input_size), torch.empty(0, dtype=torch.int64)
+    return default_collate(samples)
+
+
+class _RankBatches:
+    """This rank's ``rank_slice`` of each index batch of ``batches`` (a batch sampler), drawn lazily."""
+
+    def __init__(self, batches, rank: int, world_size: int):
+        self._batches = batches
+        self._rank = rank
+        self._world_size = world_size
+
+    def __len__(self) -> int:
+        return len(self._batches)
+
+    def __iter__(self) -> Iterator[list[int]]:
+        for batch in self._batches:
+            yield batch[rank_slice(len(batch), self._rank, self._world_size)]
 
 
 class _TorchLoaderBatches:
@@ -265,19 +313,25 @@ class DataModule:
     def num_test_batches(self) -> int:
         return math.ceil(self.num_test / self.batch_size)
 
-    def train_batches(self, epoch: int):
-        """The shuffled, augmented batches of ``epoch``: the same for the same ``(seed, epoch)``."""
+    def train_batches(self, epoch: int, rank: int = 0, world_size: int = 1):
+        """The shuffled, augmented batches of ``epoch``: the same for the same ``(seed, epoch)``.
+
+        Data-parallel: rank ``rank`` of ``world_size`` gets its ``rank_slice`` of every global batch of
+        ``batch_size``; the ranks' parts are disjoint and together exactly the single-process batches.
+        """
         if isinstance(epoch, bool) or not isinstance(epoch, int) or epoch < 0:
             raise ValueError(f"epoch must be an integer >= 0, got {epoch!r}")
+        _check_shard(rank, world_size)
         if self.loader == "torch":
-            return self._torch_batches(self._train, epoch)
-        return _TensorBatches(self, self._train, epoch)
+            return self._torch_batches(self._train, epoch, rank, world_size)
+        return _TensorBatches(self, self._train, epoch, rank, world_size)
 
-    def test_batches(self):
-        """The test split in its stored order, unaugmented."""
+    def test_batches(self, rank: int = 0, world_size: int = 1):
+        """The test split in its stored order, unaugmented (this rank's part of each batch, as above)."""
+        _check_shard(rank, world_size)
         if self.loader == "torch":
-            return self._torch_batches(self._test, None)
-        return _TensorBatches(self, self._test, None)
+            return self._torch_batches(self._test, None, rank, world_size)
+        return _TensorBatches(self, self._test, None, rank, world_size)
 
     def _to_batch(self, images: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """uint8 images -> normalised float32 on the device; labels -> int64 on the device."""
@@ -288,7 +342,7 @@ class DataModule:
             labels = labels.to(self.device, non_blocking=True)
         return images.float().mul_(self._scale).add_(self._shift), labels
 
-    def _torch_batches(self, split: Split, epoch: int | None) -> _TorchLoaderBatches:
+    def _torch_batches(self, split: Split, epoch: int | None, rank: int, world_size: int) -> _TorchLoaderBatches:
         from torchvision.transforms import v2
 
         steps = []
@@ -300,12 +354,14 @@ class DataModule:
         base_seed = derived_seed(self.seed, _STREAM_EPOCH, epoch) if epoch is not None else 0
         dataset = _TransformedTensors(split, v2.Compose(steps), base_seed)
         generator = seeded_generator(self.seed, _STREAM_EPOCH, epoch) if epoch is not None else None
+        order = RandomSampler(dataset, generator=generator) if epoch is not None else SequentialSampler(dataset)
+        batches = _RankBatches(BatchSampler(order, self.batch_size, drop_last=False), rank, world_size)
         loader = DataLoader(
             dataset,
-            batch_size=self.batch_size,
-            shuffle=epoch is not None,
+            batch_sampler=batches,
             generator=generator,
             num_workers=self.num_workers,
+            collate_fn=partial(_collate, self.input_size),
             pin_memory=self.device.type == "cuda",
         )
         return _TorchLoaderBatches(loader, self.device)

@@ -212,6 +212,33 @@ def test_torch_loader_is_deterministic_and_leaves_the_global_rng_alone():
         assert torch.allclose(xt, xm, atol=1e-5) and torch.equal(yt, ym)
 
 
+@pytest.mark.parametrize("loader", ["memory", "torch"])
+@pytest.mark.parametrize("world_size", [2, 3])
+def test_rank_shards_are_disjoint_and_together_exactly_the_single_process_batches(loader, world_size):
+    """50 images in global batches of 16 (the last one 2, fewer than 3 ranks): rank r gets its contiguous part of
+    every global batch, the same number of batches on every rank; concatenated over ranks, each batch is the
+    single-process one, images (augmented alike) and labels."""
+    dm = data.synthetic(train_size=50, test_size=21, batch_size=16, loader=loader, num_workers=0)
+    for whole, parts in (
+        (dm.train_batches(2), [dm.train_batches(2, r, world_size) for r in range(world_size)]),
+        (dm.test_batches(), [dm.test_batches(r, world_size) for r in range(world_size)]),
+    ):
+        whole, parts = batches(whole), [batches(part) for part in parts]
+        assert all(len(part) == len(whole) for part in parts)
+        for step, (x, y) in enumerate(whole):
+            sizes = [len(part[step][1]) for part in parts]
+            assert max(sizes) - min(sizes) <= 1 and sum(sizes) == len(y)
+            assert torch.equal(torch.cat([part[step][0] for part in parts]), x)
+            assert torch.equal(torch.cat([part[step][1] for part in parts]), y)
+
+
+def test_rank_slice_splits_a_batch_evenly():
+    assert [data.rank_slice(10, r, 4) for r in range(4)] == [slice(0, 2), slice(2, 5), slice(5, 7), slice(7, 10)]
+    assert [data.rank_slice(1, r, 2) for r in range(2)] == [slice(0, 0), slice(0, 1)]
+    with pytest.raises(ValueError, match="rank must be in"):
+        data.synthetic(train_size=8, test_size=8).train_batches(0, rank=2, world_size=2)
+
+
 def test_synthetic_classes_are_learnable():
     """Nearest class mean of the training images classifies most test images: the labels carry signal."""
     train, test = data.synthetic_splits((3, 32, 32), 10, 512, 256, seed=0)
