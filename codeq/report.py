@@ -1,7 +1,8 @@
 """`python -m codeq.report DIR [DIR ...]`: one table and one Pareto plot over runs and sweeps.
 
 Reads the run-dir files (metrics.jsonl, summary.json, failed.json, .hydra/overrides.yaml) of every
-run found under the given dirs, prints a table, and writes report.csv, report.md and report.png.
+run found under the given dirs, prints a table, and writes report.csv, report.md, report.png and
+pareto_front.yaml. Runs whose overrides differ only in `seed` share one row: mean ± std over the seeds.
 """
 
 from __future__ import annotations
@@ -17,24 +18,23 @@ import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import yaml
 
 from codeq import rundir
+from codeq.paper import PAPER_RESULTS, PaperResult
+from codeq.pareto import COSTS, pareto_front
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 logger = logging.getLogger(__name__)
 
 RUN_MARKERS = ("metrics.jsonl", os.path.join(".hydra", "config.yaml"))
-OUTPUT_NAMES = ("report.csv", "report.md", "report.png")
-
-# The paper's ResNet-20 / CIFAR-10 results: (label, top-1 %, Rel. BOPs %).
-PAPER_POINTS = (
-    ("CoDeQ MP", 91.86, 2.61),
-    ("CoDeQ 4-bit", 91.88, 2.95),
-    ("GETA (structured)", 91.42, 4.5),
-    ("QST-Q", 91.60, 3.3),
-    ("baseline 32-bit", 91.70, 100.0),
-)
+OUTPUT_NAMES = ("report.csv", "report.md", "report.png", "pareto_front.yaml")
+SEED_KEY = "seed"
+PAPER_RUNS_PER_RESULT = 3  # the paper reports means of 3 runs
 
 # (csv column, table header, how the table shows it); the override columns come before these.
 METRIC_COLUMNS = (
@@ -65,6 +65,7 @@ class Run:
     final: dict = field(default_factory=dict)
     best_accuracy: float | None = None
     error: str | None = None
+    override_list: list[str] = field(default_factory=list)
 
     def metric(self, key: str) -> float | None:
         """The final epoch's value of `key` as a float, or None when absent or not a number."""
@@ -142,22 +143,34 @@ def read_metrics(path: Path) -> list[dict]:
 
 
 def read_overrides(run_dir: Path) -> dict[str, str]:
-    """`.hydra/overrides.yaml` ("key=value" strings) as {key: value}; {} when the file is absent.
+    """`.hydra/overrides.yaml` ("key=value" strings) as {key: value}; {} when the file is absent."""
+    return parse_overrides(read_override_list(run_dir))
 
-    Hydra's prefixes are kept out of the key (`+k=v` and `++k=v` add k); `~k` deletes k.
-    """
+
+def read_override_list(run_dir: Path) -> list[str]:
+    """`.hydra/overrides.yaml` as written: the command line's "key=value" strings; [] when absent."""
     path = run_dir / ".hydra" / "overrides.yaml"
     if not path.is_file():
-        return {}
+        return []
     try:
         items = yaml.safe_load(path.read_text())
     except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
         first_line = str(exc).splitlines()[0]
         raise RunReadError(f".hydra/overrides.yaml is not valid YAML ({first_line})") from exc
     if items is None:
-        return {}
+        return []
     if not isinstance(items, list) or not all(isinstance(item, str) for item in items):
         raise RunReadError(".hydra/overrides.yaml is not a list of 'key=value' strings")
+    return items
+
+
+def override_key(item: str) -> str:
+    """The key of one "key=value" override, Hydra's `+`, `++` and `~` prefixes removed."""
+    return item.partition("=")[0].lstrip("+~")
+
+
+def parse_overrides(items: Sequence[str]) -> dict[str, str]:
+    """Override strings as {key: value}: `+k=v` and `++k=v` add k, `~k` deletes it ("<deleted>")."""
     overrides = {}
     for item in items:
         key, _sep, value = item.partition("=")
@@ -179,7 +192,7 @@ def load_run(run_dir: Path) -> Run:
     rows = read_metrics(run_dir / "metrics.jsonl")
     summary = _read_json(run_dir / "summary.json") or {}
     failed = _read_json(run_dir / "failed.json")
-    overrides = read_overrides(run_dir)
+    override_list = read_override_list(run_dir)
 
     final = rows[-1] if rows else summary.get("final") or {}
     accuracies = [_finite(row.get("eval/accuracy")) for row in rows]
@@ -196,13 +209,14 @@ def load_run(run_dir: Path) -> Run:
     planned, completed = summary.get("epochs"), summary.get("epochs_completed")
     return Run(
         path=run_dir,
-        overrides=overrides,
+        overrides=parse_overrides(override_list),
         status=str(status),
         epochs_completed=max(len(rows), completed if isinstance(completed, int) else 0),
         epochs_planned=planned if isinstance(planned, int) else None,
         final=final if isinstance(final, dict) else {},
         best_accuracy=max(accuracies) if accuracies else None,
         error=None if error is None else str(error),
+        override_list=override_list,
     )
 
 
@@ -250,79 +264,238 @@ def run_names(runs: Sequence[Run]) -> list[str]:
     return [os.path.relpath(run.path.resolve(), common) for run in runs]
 
 
-def pareto_front(points: Sequence[tuple[float, float]]) -> list[int]:
-    """Indices of the (cost, accuracy) points no other point beats: lower-or-equal cost with higher accuracy.
+def seed_groups(runs: Sequence[Run]) -> list[list[int]]:
+    """Indices of the runs that share a report row, in first-seen order: overrides equal except `seed`.
 
-    Sorted by increasing cost. Among equal points the first is kept; points with a non-finite
-    coordinate are ignored.
+    Runs with the same seed as well are repeats, not seeds: they stay in rows of their own.
     """
-    candidates = [i for i, (cost, acc) in enumerate(points) if math.isfinite(cost) and math.isfinite(acc)]
-    candidates.sort(key=lambda i: (points[i][0], -points[i][1], i))
-    front: list[int] = []
-    best_accuracy = -math.inf
-    for i in candidates:
-        if points[i][1] > best_accuracy:
-            front.append(i)
-            best_accuracy = points[i][1]
-    return front
+    groups: list[tuple[tuple, list[int]]] = []
+    for index, run in enumerate(runs):
+        others = tuple(sorted((k, v) for k, v in run.overrides.items() if k != SEED_KEY))
+        seed = run.overrides.get(SEED_KEY)
+        for key, members in groups:
+            if key == others and all(runs[i].overrides.get(SEED_KEY) != seed for i in members):
+                members.append(index)
+                break
+        else:
+            groups.append((others, [index]))
+    return [members for _key, members in groups]
+
+
+def _joined(values: Sequence[str]) -> str:
+    """The distinct values in first-seen order, joined by commas ("0,1,2"; one value stays itself)."""
+    return ",".join(dict.fromkeys(values))
+
+
+@dataclass(frozen=True)
+class Stat:
+    """One metric over a row's runs: mean, sample standard deviation (n - 1; None below 2 values), count.
+
+    Runs without the value are left out, so `count` can be below the row's number of runs.
+    """
+
+    mean: float | None
+    std: float | None
+    count: int
+
+    @classmethod
+    def of(cls, values: Sequence[float | None]) -> Stat:
+        present = [value for value in values if value is not None]
+        if not present:
+            return cls(None, None, 0)
+        mean = math.fsum(present) / len(present)
+        if len(present) < 2 or not math.isfinite(mean):
+            return cls(mean, None, len(present))
+        variance = math.fsum((value - mean) ** 2 for value in present) / (len(present) - 1)
+        return cls(mean, math.sqrt(variance), len(present))
+
+
+@dataclass
+class Row:
+    """One line of the report: a run, or the runs whose overrides differ only in `seed`."""
+
+    name: str
+    runs: list[Run]
+    overrides: dict[str, str]
+    stats: dict[str, Stat]
+
+    @classmethod
+    def of(cls, runs: Sequence[Run], names: Sequence[str]) -> Row:
+        keys = [key for run in runs for key in run.overrides]
+        overrides = {key: _joined([run.overrides.get(key, "-") for run in runs]) for key in dict.fromkeys(keys)}
+        values = [run.values() for run in runs]
+        stats = {column: Stat.of([v[column] for v in values]) for column in values[0]}
+        return cls(_joined(names), list(runs), overrides, stats)
+
+    def mean(self, column: str) -> float:
+        """The column's mean, nan when no run of the row has it."""
+        value = self.stats[column].mean
+        return math.nan if value is None else value
+
+    def epochs(self) -> str:
+        return _joined(
+            [f"{run.epochs_completed}/{'?' if run.epochs_planned is None else run.epochs_planned}" for run in self.runs]
+        )
+
+    def status(self) -> str:
+        return _joined([run.status for run in self.runs])
+
+    def error(self) -> str:
+        if len(self.runs) == 1:
+            return self.runs[0].error or ""
+        return "; ".join(f"{run.path.name}: {run.error}" for run in self.runs if run.error)
+
+    def front_overrides(self) -> dict:
+        """How to run this row again: a run's own overrides; for seeds, the shared ones and the seeds."""
+        if len(self.runs) == 1:
+            return {"overrides": list(self.runs[0].override_list)}
+        shared = [item for item in self.runs[0].override_list if override_key(item) != SEED_KEY]
+        return {"overrides": shared, "seeds": [run.overrides.get(SEED_KEY, "default") for run in self.runs]}
 
 
 @dataclass
 class Report:
-    """The report's rows: runs, their display names and the override keys that tell them apart."""
+    """The report's rows (runs, or seeds of one setting), the override keys that tell them apart, and
+    the paper's results shown beside them."""
 
     runs: list[Run]
     names: list[str]
     keys: list[str]
+    rows: list[Row]
+    paper: tuple[PaperResult, ...] = ()
 
     @classmethod
-    def of(cls, runs: Sequence[Run]) -> Report:
+    def of(cls, runs: Sequence[Run], paper: Sequence[PaperResult] = ()) -> Report:
         runs = list(runs)
-        return cls(runs, run_names(runs), differing_override_keys([r.overrides for r in runs]))
+        names = run_names(runs)
+        rows = [Row.of([runs[i] for i in group], [names[i] for i in group]) for group in seed_groups(runs)]
+        return cls(runs, names, differing_override_keys([r.overrides for r in runs]), rows, tuple(paper))
+
+    @property
+    def grouped(self) -> bool:
+        """Whether some row holds several seeds: the table then has an `n` column and stds."""
+        return any(len(row.runs) > 1 for row in self.rows)
 
     def label(self, index: int) -> str:
-        """The point label: the run's differing overrides, or its name when nothing differs."""
-        run = self.runs[index]
+        """Row `index`'s point label: its differing overrides, or its name when nothing differs."""
+        row = self.rows[index]
         short = short_key_names(self.keys)
-        parts = [f"{short[k]}={run.overrides.get(k, '-')}" for k in self.keys]
-        return ", ".join(parts) if parts else self.names[index]
+        parts = [f"{short[k]}={row.overrides.get(k, '-')}" for k in self.keys]
+        return ", ".join(parts) if parts else row.name
+
+    def points(self, cost: str) -> list[tuple[float, float]]:
+        """Per row (mean Rel. BOPs % of `cost`, mean final accuracy %), nan where missing."""
+        return [(row.mean(f"{cost}_rel_bops_pct"), row.mean("final_accuracy_pct")) for row in self.rows]
+
+    def fronts(self) -> dict[str, list[int]]:
+        """Per cost (structured, unstructured): the rows on its Pareto front, cheapest first."""
+        return {cost: pareto_front(self.points(cost)) for cost in COSTS}
+
+    def front_marks(self) -> list[str]:
+        """Per row: "S" on the structured front, "U" on the unstructured one, "S+U" on both, "-" on none."""
+        marks: list[list[str]] = [[] for _ in self.rows]
+        for cost, front in self.fronts().items():
+            for index in front:
+                marks[index].append(cost[0].upper())
+        return ["+".join(mark) or "-" for mark in marks]
 
     def csv_columns(self) -> list[str]:
-        metric_columns = [column for column, _header, _fmt in METRIC_COLUMNS]
-        return ["run", *self.keys, *metric_columns, "epochs_completed", "epochs_planned", "status", "error"]
+        metric_columns = []
+        for column, _header, _fmt in METRIC_COLUMNS:
+            metric_columns.extend([column, f"{column}_std"] if self.grouped else [column])
+        n = ["n"] if self.grouped else []
+        return [
+            "run",
+            *self.keys,
+            *n,
+            *metric_columns,
+            "epochs_completed",
+            "epochs_planned",
+            "status",
+            "error",
+            "front",
+        ]
 
     def csv_rows(self) -> list[dict]:
-        """One dict per run with raw numbers (inf stays inf, missing values are empty)."""
+        """One dict per row with raw numbers (means; inf stays inf, missing values are empty), then the paper's."""
         rows = []
-        for name, run in zip(self.names, self.runs):
-            row = {"run": name, **{k: run.overrides.get(k, "") for k in self.keys}}
-            row.update({k: "" if v is None else v for k, v in run.values().items()})
-            row.update(
-                epochs_completed=run.epochs_completed,
-                epochs_planned="" if run.epochs_planned is None else run.epochs_planned,
-                status=run.status,
-                error=run.error or "",
+        for row, front in zip(self.rows, self.front_marks()):
+            line = {"run": row.name, **{k: row.overrides.get(k, "") for k in self.keys}}
+            if self.grouped:
+                line["n"] = len(row.runs)
+            for column, stat in row.stats.items():
+                line[column] = "" if stat.mean is None else stat.mean
+                if self.grouped:
+                    line[f"{column}_std"] = "" if stat.std is None else stat.std
+            line.update(
+                epochs_completed=_joined([str(run.epochs_completed) for run in row.runs]),
+                epochs_planned=_joined(["" if r.epochs_planned is None else str(r.epochs_planned) for r in row.runs]),
+                status=row.status(),
+                error=row.error(),
+                front=front,
             )
-            rows.append(row)
+            rows.append(line)
+        for result in self.paper:
+            line = {"run": f"paper: {result.label}", **paper_values(result), "status": "paper"}
+            if self.grouped:
+                line["n"] = PAPER_RUNS_PER_RESULT
+            rows.append(line)
         return rows
 
     def table(self) -> tuple[list[str], list[list[str]]]:
-        """Header and formatted cells of the human-readable table."""
-        header = ["run", *self.keys, *(h for _c, h, _f in METRIC_COLUMNS), "epochs", "status"]
+        """Header and formatted cells of the human-readable table (rows, then the paper's results)."""
+        n = ["n"] if self.grouped else []
+        header = ["run", *self.keys, *n, *(h for _c, h, _f in METRIC_COLUMNS), "epochs", "status", "front"]
         cells = []
-        for name, run in zip(self.names, self.runs):
-            values = run.values()
-            planned = "?" if run.epochs_planned is None else str(run.epochs_planned)
+        for row, front in zip(self.rows, self.front_marks()):
+            count = [str(len(row.runs))] if self.grouped else []
             cells.append(
                 [
-                    name,
-                    *(run.overrides.get(k, "-") for k in self.keys),
-                    *(_format(values[column], fmt) for column, _h, fmt in METRIC_COLUMNS),
-                    f"{run.epochs_completed}/{planned}",
-                    run.status,
+                    row.name,
+                    *(row.overrides.get(k, "-") for k in self.keys),
+                    *count,
+                    *(_format_stat(row.stats[column], fmt, len(row.runs)) for column, _h, fmt in METRIC_COLUMNS),
+                    row.epochs(),
+                    row.status(),
+                    front,
+                ]
+            )
+        for result in self.paper:
+            values = paper_values(result)
+            count = [str(PAPER_RUNS_PER_RESULT)] if self.grouped else []
+            cells.append(
+                [
+                    f"paper: {result.label}",
+                    *("-" for _k in self.keys),
+                    *count,
+                    *(_format(values.get(column), fmt) for column, _h, fmt in METRIC_COLUMNS),
+                    "-",
+                    "paper",
+                    "-",
                 ]
             )
         return header, cells
+
+
+def paper_values(result: PaperResult) -> dict[str, float]:
+    """A paper result in the report's columns: its accuracy, and its Rel. BOPs % (with the ratio, 100 / %)
+    only in the columns of the counting convention it was measured by."""
+    values = {"final_accuracy_pct": result.accuracy_pct}
+    for cost in COSTS:
+        if result.counts_as(cost):
+            values[f"{cost}_rel_bops_pct"] = result.rel_bops_pct
+            values[f"{cost}_bops_ratio"] = 100.0 / result.rel_bops_pct
+    return values
+
+
+def _format_stat(stat: Stat, fmt: str, runs: int) -> str:
+    """`mean ± std`; the mean alone for one value; "[k]" when only k of the row's runs had the value."""
+    text = _format(stat.mean, fmt)
+    if stat.std is not None:
+        text += f" ± {_format(stat.std, fmt)}"
+    if runs > 1 and 0 < stat.count < runs:
+        text += f" [{stat.count}]"
+    return text
 
 
 def _format(value: float | None, fmt: str) -> str:
@@ -335,12 +508,17 @@ def _format(value: float | None, fmt: str) -> str:
     return fmt.format(value)
 
 
+# a number, optionally "± std" and "[count]"; epochs "done/planned" (several, comma-separated); "-"
+_NUMBER = r"(-?[\d.]+x?|-?inf|nan)"
+NUMBER_CELL = rf"{_NUMBER}( ± {_NUMBER})?( \[\d+\])?|[\d?]+/[\d?]+(,[\d?]+/[\d?]+)*|-"
+
+
 def format_text_table(header: Sequence[str], cells: Sequence[Sequence[str]]) -> str:
     """Columns padded to their widest cell; text left-aligned, numbers right-aligned."""
     widths = [max(len(row[i]) for row in [header, *cells]) for i in range(len(header))]
 
     def is_number(text: str) -> bool:
-        return bool(re.fullmatch(r"-?[\d.]+x?|-?inf|nan|[\d?]+/[\d?]+|-", text))
+        return bool(re.fullmatch(NUMBER_CELL, text))
 
     numeric = [all(is_number(row[i]) for row in cells) for i in range(len(header))]
     lines = []
@@ -352,16 +530,31 @@ def format_text_table(header: Sequence[str], cells: Sequence[Sequence[str]]) -> 
 
 
 def format_markdown(report: Report, plot_name: str | None) -> str:
-    """report.md: the table (with each failed run's error) and the plot below it."""
+    """report.md: the table (with each failed run's error), what its marks mean, and the plot below it."""
     header, cells = report.table()
     header = [*header, "error"]
-    cells = [[*row, (run.error or "").replace("|", "\\|")] for row, run in zip(cells, report.runs)]
+    errors = [row.error() for row in report.rows] + ["" for _result in report.paper]
+    cells = [[*cell, error.replace("|", "\\|")] for cell, error in zip(cells, errors)]
     lines = [f"# codeq report: {len(report.runs)} run(s)", ""]
     lines.append("| " + " | ".join(header) + " |")
     lines.append("|" + "|".join("---" for _ in header) + "|")
     lines.extend("| " + " | ".join(row) + " |" for row in cells)
     lines.append("")
     lines.append("Accuracies and sparsity in %; Rel. BOPs % = 100 / ratio vs the dense 32-bit model.")
+    lines.append(
+        "front: on the Pareto front of final accuracy vs structured (S) or unstructured (U) Rel. BOPs % "
+        "(no other row is as accurate for as little compute); their overrides are in pareto_front.yaml."
+    )
+    if report.grouped:
+        lines.append(
+            "Runs that differ only in seed share a row: mean ± sample std (n - 1) over its n runs; "
+            "[k] = only k of them logged the value."
+        )
+    if report.paper:
+        lines.append(
+            "paper: ResNet-20 / CIFAR-10, Wenshøj et al. 2025, Table 2 (mean of 3 runs); each Rel. BOPs % "
+            "sits in the column of the convention it was counted by (in brackets)."
+        )
     if plot_name:
         lines.extend(["", f"![accuracy vs Rel. BOPs]({plot_name})"])
     return "\n".join(lines) + "\n"
@@ -374,11 +567,39 @@ def write_csv(report: Report, path: Path) -> None:
         writer.writerows(report.csv_rows())
 
 
-def plot_pareto(report: Report, path: Path, paper: bool = False) -> None:
+def write_front(report: Report, path: Path) -> None:
+    """pareto_front.yaml: per cost, the non-dominated rows (cheapest first) with the overrides that made them."""
+    fronts = {}
+    for cost, front in report.fronts().items():
+        entries = []
+        for index in front:
+            row = report.rows[index]
+            entry = {"run": row.name, "n": len(row.runs)}
+            for column in ("final_accuracy_pct", f"{cost}_rel_bops_pct"):
+                entry[column] = row.stats[column].mean
+                if row.stats[column].std is not None:
+                    entry[f"{column}_std"] = row.stats[column].std
+            entries.append({**entry, **row.front_overrides()})
+        fronts[cost] = entries
+    header = (
+        "# The runs no other run beats: as accurate (final accuracy %) for as little compute (Rel. BOPs %),\n"
+        "# per way of counting compute, cheapest first. Run one again: python -m codeq.main <overrides>\n"
+        "# (a row of several seeds: python -m codeq.main -m <overrides> seed=<its seeds, comma-separated>)\n"
+    )
+    path.write_text(header + yaml.safe_dump(fronts, sort_keys=False, allow_unicode=True))
+
+
+def plot_pareto(report: Report, path: Path) -> None:
+    """report.png: `pareto_figure` of the report."""
+    pareto_figure(report).savefig(path, dpi=120)
+
+
+def pareto_figure(report: Report) -> Figure:
     """Accuracy % vs Rel. BOPs % (log x): structured and unstructured points, each kind's Pareto front.
 
-    Points without accuracy or with Rel. BOPs 0 % (every weight dead, ratio inf) have no place on a
-    log axis and are left out with a log line.
+    A row of several seeds is drawn at its means with error bars of ±1 std on both axes. Points without
+    accuracy or with Rel. BOPs 0 % (every weight dead, ratio inf) have no place on a log axis and are left
+    out with a log line. The paper's results are stars in the colour of the convention they were counted by.
     """
     from matplotlib.figure import Figure
     from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
@@ -391,26 +612,46 @@ def plot_pareto(report: Report, path: Path, paper: bool = False) -> None:
     }
     drawn = 0
     for kind, style in styles.items():
-        points, labels = [], []
-        for index, run in enumerate(report.runs):
-            accuracy = _percent(run.metric("eval/accuracy"))
-            bops = run.rel_bops_pct(kind)
-            if accuracy is None or bops is None or not math.isfinite(accuracy):
+        drawable = []
+        for index, (bops, accuracy) in enumerate(report.points(kind)):
+            if math.isnan(bops) or not math.isfinite(accuracy):
                 continue
             if not (bops > 0 and math.isfinite(bops)):
                 logger.warning(
-                    "%s: %s Rel. BOPs %s %% cannot sit on the log axis, not drawn", report.names[index], kind, bops
+                    "%s: %s Rel. BOPs %s %% cannot sit on the log axis, not drawn", report.rows[index].name, kind, bops
                 )
                 continue
-            points.append((bops, accuracy))
-            labels.append(report.label(index))
-        if not points:
+            drawable.append(index)
+        if not drawable:
             continue
-        drawn += len(points)
+        drawn += len(drawable)
+        points = [report.points(kind)[i] for i in drawable]
         ax.scatter([p[0] for p in points], [p[1] for p in points], s=40, zorder=3, label=f"{kind} (runs)", **style)
-        for (bops, accuracy), label in zip(points, labels):
+        spreads = [
+            (report.rows[i].stats[f"{kind}_rel_bops_pct"].std, report.rows[i].stats["final_accuracy_pct"].std)
+            for i in drawable
+        ]
+        if any(x is not None or y is not None for x, y in spreads):
+            ax.errorbar(
+                [p[0] for p in points],
+                [p[1] for p in points],
+                xerr=[x or 0.0 for x, _ in spreads],
+                yerr=[y or 0.0 for _, y in spreads],
+                fmt="none",
+                ecolor=style["color"],
+                elinewidth=1,
+                capsize=3,
+                zorder=2,
+                label=f"{kind}: ±1 std over seeds",
+            )
+        for (bops, accuracy), index in zip(points, drawable):
             ax.annotate(
-                label, (bops, accuracy), xytext=(4, 4), textcoords="offset points", fontsize=7, color=style["color"]
+                report.label(index),
+                (bops, accuracy),
+                xytext=(4, 4),
+                textcoords="offset points",
+                fontsize=7,
+                color=style["color"],
             )
         front = [points[i] for i in pareto_front(points)]
         ax.plot(
@@ -422,21 +663,33 @@ def plot_pareto(report: Report, path: Path, paper: bool = False) -> None:
             color=style["color"],
             label=f"{kind} Pareto front",
         )
-    if paper:
-        ax.scatter(
-            [p[2] for p in PAPER_POINTS],
-            [p[1] for p in PAPER_POINTS],
-            marker="*",
-            s=120,
+    colours = {"structured": "tab:blue", "unstructured": "tab:orange", "dense": "black"}
+    for counting, colour in colours.items():
+        results = [result for result in report.paper if result.counting == counting]
+        if results:
+            ax.scatter(
+                [r.rel_bops_pct for r in results],
+                [r.accuracy_pct for r in results],
+                marker="*",
+                s=160,
+                color=colour,
+                edgecolors="black",
+                linewidths=0.6,
+                zorder=4,
+                label=f"paper ResNet-20 / CIFAR-10, {counting} count",
+            )
+    by_cost = sorted(report.paper, key=lambda result: result.rel_bops_pct)
+    for position, result in enumerate(by_cost):
+        offset = (4, -10) if position % 2 == 0 else (4, 6)
+        ax.annotate(
+            result.label,
+            (result.rel_bops_pct, result.accuracy_pct),
+            xytext=offset,
+            textcoords="offset points",
+            fontsize=7,
             color="black",
-            zorder=4,
-            label="paper, ResNet-20 / CIFAR-10",
         )
-        by_cost = sorted(PAPER_POINTS, key=lambda point: point[2])
-        for position, (name, accuracy, bops) in enumerate(by_cost):
-            offset = (4, -10) if position % 2 == 0 else (4, 6)
-            ax.annotate(name, (bops, accuracy), xytext=offset, textcoords="offset points", fontsize=7, color="black")
-    if drawn == 0 and not paper:
+    if drawn == 0 and not report.paper:
         ax.text(
             0.5, 0.5, "no run has both accuracy and Rel. BOPs yet", transform=ax.transAxes, ha="center", va="center"
         )
@@ -450,7 +703,7 @@ def plot_pareto(report: Report, path: Path, paper: bool = False) -> None:
     ax.set_ylabel("accuracy %")
     ax.set_title(f"Accuracy vs compute, {len(report.runs)} run(s)")
     ax.grid(True, which="both", alpha=0.3)
-    fig.savefig(path, dpi=120)
+    return fig
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -460,8 +713,10 @@ def build_parser() -> argparse.ArgumentParser:
             "Summarise codeq runs: every dir below DIR holding metrics.jsonl or .hydra/config.yaml is "
             "a run (a single run dir, a sweep dir, or a folder of sweeps). Prints one row per run "
             "(the overrides that differ between runs, final/best accuracy, unstructured sparsity, mean "
-            "bits, structured and unstructured Rel. BOPs % and ratio, epochs done/planned, status) and "
-            "writes report.csv, report.md and report.png (accuracy vs Rel. BOPs %, Pareto fronts)."
+            "bits, structured and unstructured Rel. BOPs % and ratio, epochs done/planned, status, and "
+            "whether it is on a Pareto front) and writes report.csv, report.md, report.png (accuracy vs "
+            "Rel. BOPs %, Pareto fronts) and pareto_front.yaml (the non-dominated runs' overrides). Runs "
+            "whose overrides differ only in seed share one row: mean ± std over the seeds, and n."
         ),
         epilog=(
             "Unreadable runs and dirs without runs are reported in one line each on stderr; the other "
@@ -471,10 +726,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("dirs", nargs="+", type=Path, metavar="DIR", help="run dir, sweep dir or any folder above them")
     parser.add_argument(
-        "--out", type=Path, metavar="DIR", help="where report.csv/.md/.png go (default: into the first DIR)"
+        "--out", type=Path, metavar="DIR", help="where the report files go (default: into the first DIR)"
     )
     parser.add_argument(
-        "--paper", action="store_true", help="overlay the CoDeQ paper's ResNet-20 / CIFAR-10 points on the plot"
+        "--paper",
+        action="store_true",
+        help="add the CoDeQ paper's ResNet-20 / CIFAR-10 results (Table 2) to the table and "
+        "the plot, each labelled by the convention its Rel. BOPs were counted by",
     )
     return parser
 
@@ -485,7 +743,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     runs = collect_runs(args.dirs)
     if not runs:
         return 1
-    report = Report.of(runs)
+    report = Report.of(runs, paper=PAPER_RESULTS if args.paper else ())
     print(format_text_table(*report.table()))
     for name, run in zip(report.names, report.runs):
         if run.error:
@@ -495,8 +753,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         out.mkdir(parents=True, exist_ok=True)
         write_csv(report, out / "report.csv")
-        plot_pareto(report, out / "report.png", paper=args.paper)
+        plot_pareto(report, out / "report.png")
         (out / "report.md").write_text(format_markdown(report, "report.png"))
+        write_front(report, out / "pareto_front.yaml")
     except OSError as exc:
         logger.error("cannot write the report into %s: %s", out, exc)
         return 1

@@ -16,7 +16,6 @@ from codeq.report import (
     find_run_dirs,
     load_run,
     main,
-    pareto_front,
     read_metrics,
     short_key_names,
 )
@@ -86,16 +85,6 @@ def sweep(tmp_path):
     return root
 
 
-def test_pareto_front_hand_computed():
-    # (cost, accuracy): 0 (1, 50) and 1 (2, 70) are on the front; 2 (3, 60) is beaten by 1;
-    # 3 (4, 90) is on it; 4 (4, 80) costs as much as 3 for less; 5 (5, 90) costs more for the same;
-    # 6 (0.5, nan) is ignored; 7 (2, 70) equals 1 and the first one is kept.
-    points = [(1, 50), (2, 70), (3, 60), (4, 90), (4, 80), (5, 90), (0.5, math.nan), (2, 70)]
-    assert pareto_front(points) == [0, 1, 3]
-    assert pareto_front([]) == []
-    assert pareto_front([(math.inf, 99.0), (10.0, 10.0)]) == [1]
-
-
 def test_differing_override_keys_keeps_first_seen_order_and_counts_absence():
     runs = [
         {"sparsity": "group_lasso", "seed": "0", "lr": "0.1"},
@@ -143,8 +132,10 @@ def test_table_rows_and_values(sweep):
         "unstruct ratio",
         "epochs",
         "status",
+        "front",
     ]
-    # job 0: final 0.90, best 0.90, sparsity 0.75, bits 3.5, ratios 25 (4 %) and 40 (2.5 %)
+    # job 0: final 0.90, best 0.90, sparsity 0.75, bits 3.5, ratios 25 (4 %) and 40 (2.5 %); cheaper and more
+    # accurate than job 1 structured (S front), more accurate but dearer unstructured: both on the U front
     assert cells[0] == [
         "0",
         "group_lasso",
@@ -158,6 +149,7 @@ def test_table_rows_and_values(sweep):
         "40.0x",
         "2/2",
         "completed",
+        "S+U",
     ]
     # job 1: final 0.82 but best 0.85 (epoch 0); ratios 8 (12.5 %) and 80 (1.25 %)
     assert cells[1] == [
@@ -173,8 +165,9 @@ def test_table_rows_and_values(sweep):
         "80.0x",
         "2/2",
         "completed",
+        "U",
     ]
-    assert cells[2] == ["2", "bogus", *["-"] * 8, "0/2", "failed"]
+    assert cells[2] == ["2", "bogus", *["-"] * 8, "0/2", "failed", "-"]
     assert report.runs[2].error == "sparsity: unknown option 'bogus'"
     assert report.label(0) == "sparsity=group_lasso"
 
@@ -199,6 +192,7 @@ def test_csv_columns_values_and_outputs(sweep, tmp_path, capsys):
         "epochs_planned",
         "status",
         "error",
+        "front",
     ]
     assert float(rows[1]["final_accuracy_pct"]) == pytest.approx(82.0)
     assert float(rows[1]["best_accuracy_pct"]) == pytest.approx(85.0)
@@ -221,7 +215,7 @@ def test_single_run_writes_into_its_dir_and_names_the_run(tmp_path):
     report = Report.of(collect_runs([run]))
     assert report.keys == [] and report.names == ["10-00-00"]
     assert report.label(0) == "10-00-00"
-    for name in ("report.csv", "report.md", "report.png"):
+    for name in ("report.csv", "report.md", "report.png", "pareto_front.yaml"):
         assert (run / name).is_file()
 
 
@@ -254,7 +248,7 @@ def test_interrupted_run_and_dead_model_infinity(tmp_path):
     assert "Infinity" in (run / "metrics.jsonl").read_text()
     assert main([str(run), "--paper"]) == 0
     _header, cells = Report.of(collect_runs([run])).table()
-    assert cells[0][5:12] == ["0.00", "inf", "0.00", "inf", "3/10", "interrupted"]
+    assert cells[0][5:12] == ["0.00", "inf", "0.00", "inf", "3/10", "interrupted", "S+U"]
     with (run / "report.csv").open() as handle:
         assert next(csv.DictReader(handle))["structured_bops_ratio"] == "inf"
     assert (run / "report.png").is_file()

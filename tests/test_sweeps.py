@@ -157,6 +157,7 @@ def test_report_over_two_sweeps_has_one_row_per_job(basic_sweep, joblib_sweep, t
         "epochs_planned",
         "status",
         "error",
+        "front",
     ]
     assert [row["status"] for row in rows] == ["failed", "completed", "completed", "diverged", "completed", "completed"]
     assert [row["sparsity.weight"] for row in rows] == ["-1", "0", "0.001", "0.001", "0.001", "0.001"]
