@@ -23,6 +23,7 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 from torch import nn
 
+from codeq import pareto
 from codeq.checkpoint import CHECKPOINT_FILE, load_checkpoint
 from codeq.errors import ConfigError
 from codeq.evaluator import Evaluator
@@ -237,22 +238,35 @@ def stop(code: int, message: str) -> NoReturn:
     sys.exit(code)
 
 
+def two_objective_cost(cfg: DictConfig, hydra_cfg: DictConfig) -> str | None:
+    """`pareto.cost` when the sweeper wants (accuracy, Rel. BOPs %) from each job (hydra/sweeper=pareto), else None."""
+    cost = pareto.check_cost(OmegaConf.select(cfg, "pareto.cost", default=None))
+    directions = OmegaConf.select(hydra_cfg, "sweeper.direction", default=None)
+    if isinstance(directions, ListConfig):
+        directions = OmegaConf.to_container(directions)
+    return cost if pareto.is_two_objective(directions) else None
+
+
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="config")
-def main(cfg: DictConfig) -> float | None:
-    """One job: build, train, print the final table; every ending leaves the run dir consistent."""
+def main(cfg: DictConfig) -> float | tuple[float, float] | None:
+    """One job: build, train, print the final table; every ending leaves the run dir consistent.
+
+    Returns the best accuracy, or to a two-objective sweeper the final (accuracy, Rel. BOPs %).
+    """
     hydra_cfg = HydraConfig.get()
     run_dir = Path(hydra_cfg.runtime.output_dir)
     files = RunFiles(run_dir, epochs=OmegaConf.select(cfg, "trainer.epochs", default=None))
     logger: Logger | None = None
     status = "failed"
     try:
+        cost = two_objective_cost(cfg, hydra_cfg)
         trainer, checkpoint = build(cfg, run_dir)
         files = trainer.files
         logger = build_logger(cfg, run_dir, hydra_cfg, checkpoint["wandb_run_id"] if checkpoint else None)
         summary = trainer.fit(logger)
         status = "completed"
         print(final_table(summary, run_dir), flush=True)
-        return summary["best_accuracy"]
+        return pareto.job_objectives(summary["final"], cost) if cost else summary["best_accuracy"]
     except TrainingInterrupted as exc:
         status = "interrupted"
         files.write_summary(status, one_line(exc))
