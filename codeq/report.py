@@ -679,8 +679,10 @@ def pareto_figure(report: Report) -> Figure:
                 label=f"paper ResNet-20 / CIFAR-10, {counting} count",
             )
     by_cost = sorted(report.paper, key=lambda result: result.rel_bops_pct)
-    for position, result in enumerate(by_cost):
-        offset = (4, -10) if position % 2 == 0 else (4, 6)
+    for previous, result in zip([None, *by_cost], by_cost):
+        # above the star when it is at least as accurate as the next cheaper one, else below: neighbours' labels part
+        above = previous is not None and result.accuracy_pct >= previous.accuracy_pct
+        offset = (4, 6) if above else (4, -10)
         ax.annotate(
             result.label,
             (result.rel_bops_pct, result.accuracy_pct),
