@@ -5,10 +5,12 @@ import math
 
 import pytest
 import yaml
+from omegaconf import OmegaConf
 from test_cli import TINY, run_in_process
 
 from codeq import pareto
 from codeq.errors import ConfigError
+from codeq.main import two_objective_cost
 from codeq.report import Report, collect_runs
 from codeq.report import main as report_main
 
@@ -39,6 +41,16 @@ def test_job_objectives_and_their_checks():
     assert pareto.is_two_objective(["maximize", "minimize"])
     with pytest.raises(ConfigError, match=r"hydra.sweeper.direction must be \[maximize, minimize\]"):
         pareto.is_two_objective(["minimize", "maximize"])
+
+
+def test_only_a_two_objective_sweeper_gets_both_objectives():
+    cfg = OmegaConf.create({"pareto": {"cost": "unstructured"}})
+    basic = OmegaConf.create({"sweeper": {"_target_": "hydra._internal.core_plugins.basic_sweeper.BasicSweeper"}})
+    single = OmegaConf.create({"sweeper": {"direction": "maximize"}})
+    two = OmegaConf.create({"sweeper": {"direction": ["maximize", "minimize"]}})
+    assert two_objective_cost(cfg, basic) is None  # a single run or a plain multirun: best accuracy as before
+    assert two_objective_cost(cfg, single) is None
+    assert two_objective_cost(cfg, two) == "unstructured"
 
 
 def test_bad_cost_is_one_error_line(tmp_path, monkeypatch, capsys):
