@@ -28,6 +28,7 @@ from codeq.checkpoint import CHECKPOINT_FILE, load_checkpoint
 from codeq.errors import ConfigError
 from codeq.evaluator import Evaluator
 from codeq.loggers import Logger
+from codeq.models import first_and_last_layers
 from codeq.quant import attach_weight_quantizers, quantized_layers
 from codeq.rundir import RunFiles
 from codeq.trainer import (
@@ -96,11 +97,14 @@ def seed_everything(seed: Any) -> None:
 
 
 def attach_quantizers(cfg: DictConfig, model: nn.Module) -> list[str]:
-    """Attach the configured weight quantizer to every Conv/Linear not excluded; quantizer=none attaches nothing."""
+    """Attach the configured weight quantizer to every Conv/Linear not excluded; quantizer=none attaches nothing.
+
+    ``exclude_layers: auto`` leaves the model's first and last Conv/Linear (stem and classifier) unquantized.
+    """
     exclude = cfg.quantizer.get("exclude_layers")
-    exclude = [] if exclude is None else exclude
+    exclude = [] if exclude is None else first_and_last_layers(model) if exclude == "auto" else exclude
     if not isinstance(exclude, (list, ListConfig)) or not all(isinstance(name, str) for name in exclude):
-        raise ConfigError(f"quantizer.exclude_layers must be a list of module names or globs, got {exclude!r}")
+        raise ConfigError(f"quantizer.exclude_layers must be auto or a list of module names or globs, got {exclude!r}")
     if cfg.quantizer.get("_target_") is None:
         return []
     factory = instantiate_group(cfg, "quantizer", drop=("exclude_layers",))
@@ -130,6 +134,14 @@ def sparsity_of(cfg: DictConfig) -> tuple[Any, float]:
     return instantiate_group(cfg, "sparsity", drop=("weight",)), float(weight)
 
 
+def shape_from_data(cfg: DictConfig, data: Any) -> None:
+    """dataset.num_classes / dataset.input_size left null are read from the data (the model interpolates them)."""
+    if cfg.dataset.get("num_classes", 0) is None:
+        cfg.dataset.num_classes = data.num_classes
+    if cfg.dataset.get("input_size", 0) is None:
+        cfg.dataset.input_size = list(data.input_size)
+
+
 def wandb_naming(cfg: DictConfig, hydra_cfg: DictConfig) -> dict[str, str | None]:
     """W&B name from the job's overrides; group (the sweep dir) and job_type (cfg.name) for multirun jobs."""
     name = hydra_cfg.job.override_dirname or cfg.name
@@ -154,6 +166,7 @@ def build(cfg: DictConfig, run_dir: Path) -> tuple[Trainer, dict[str, Any] | Non
     sparsity_fn, sparsity_weight = sparsity_of(cfg)
     schedule = instantiate_group(cfg, "schedule")
     data = instantiate_group(cfg, "dataset", device=device)
+    shape_from_data(cfg, data)
 
     model = instantiate_group(cfg, "model")
     evaluator = Evaluator(model, input_size=tuple(data.input_size))  # the dense 32-bit baseline
