@@ -18,9 +18,9 @@ from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Sequence
 
 import torch
 from torch.utils.data import DataLoader, Dataset
@@ -58,7 +58,9 @@ def scan_split(root: Path, split: str, classes: Sequence[str] | None = None) -> 
     """
     folder = root / split
     if not folder.is_dir():
-        raise DatasetNotFoundError(f"dataset.root={root} has no {split}/ folder (expected {split}/<class>/<image>.JPEG)")
+        raise DatasetNotFoundError(
+            f"dataset.root={root} has no {split}/ folder (expected {split}/<class>/<image>.JPEG)"
+        )
     found = sorted(p.name for p in folder.iterdir() if p.is_dir())
     if not found:
         raise DatasetNotFoundError(f"dataset.root={root}: {split}/ has no class folders (expected {split}/<class>/)")
@@ -72,13 +74,20 @@ def scan_split(root: Path, split: str, classes: Sequence[str] | None = None) -> 
         images = [p for p in files if p.suffix.lower() in IMAGE_SUFFIXES]
         skipped += [p for p in files if p.suffix.lower() not in IMAGE_SUFFIXES]
         if not images:
-            raise DatasetNotFoundError(f"dataset.root={root}: class folder {split}/{name} holds no images "
-                                       f"({', '.join(IMAGE_SUFFIXES)})")
+            raise DatasetNotFoundError(
+                f"dataset.root={root}: class folder {split}/{name} holds no images ({', '.join(IMAGE_SUFFIXES)})"
+            )
         paths += [str(p) for p in images]
         labels += [classes.index(name)] * len(images)
     if skipped:
-        log.warning("%s/%s: ignored %d files that are not images (%s), e.g. %s", root.name, split, len(skipped),
-                    ", ".join(IMAGE_SUFFIXES), skipped[0].relative_to(root))
+        log.warning(
+            "%s/%s: ignored %d files that are not images (%s), e.g. %s",
+            root.name,
+            split,
+            len(skipped),
+            ", ".join(IMAGE_SUFFIXES),
+            skipped[0].relative_to(root),
+        )
     return ImageList(paths, torch.tensor(labels, dtype=torch.int64), classes)
 
 
@@ -180,15 +189,27 @@ class _Batches:
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         data, epoch = self._data, self._epoch
-        order = None if epoch is None else torch.randperm(len(self._images), generator=seeded_generator(
-            data.seed, _STREAM_EPOCH, epoch)).tolist()
+        order = (
+            None
+            if epoch is None
+            else torch.randperm(len(self._images), generator=seeded_generator(data.seed, _STREAM_EPOCH, epoch)).tolist()
+        )
         gpu = data.decode == "gpu"
         crop_epoch = epoch if data.augment else None  # None: the evaluation view
-        dataset = (_EncodedImages(self._images) if gpu
-                   else _DecodedImages(self._images, data.image_size, data.resize_size, data.seed, crop_epoch))
-        loader = DataLoader(dataset, batch_size=data.batch_size, sampler=order, num_workers=data.num_workers,
-                            pin_memory=data.device.type == "cuda" and not gpu,
-                            collate_fn=_collate_encoded if gpu else None, persistent_workers=False)
+        dataset = (
+            _EncodedImages(self._images)
+            if gpu
+            else _DecodedImages(self._images, data.image_size, data.resize_size, data.seed, crop_epoch)
+        )
+        loader = DataLoader(
+            dataset,
+            batch_size=data.batch_size,
+            sampler=order,
+            num_workers=data.num_workers,
+            pin_memory=data.device.type == "cuda" and not gpu,
+            collate_fn=_collate_encoded if gpu else None,
+            persistent_workers=False,
+        )
         for batch in loader:
             if gpu:
                 indices, encoded, labels = batch
@@ -205,8 +226,20 @@ class ImageFolderData:
     is the val split in file order. Batches are float32 normalised ``x`` and int64 ``y`` on ``device``.
     """
 
-    def __init__(self, *, name: str, root, image_size: int, resize_size: int, batch_size: int, num_workers: int,
-                 decode: str, augment: bool, seed: int, device: torch.device | str = "cpu"):
+    def __init__(
+        self,
+        *,
+        name: str,
+        root,
+        image_size: int,
+        resize_size: int,
+        batch_size: int,
+        num_workers: int,
+        decode: str,
+        augment: bool,
+        seed: int,
+        device: torch.device | str = "cpu",
+    ):
         self.name = name
         self.root = Path(root).expanduser()
         self.device = torch.device(device)
@@ -220,14 +253,25 @@ class ImageFolderData:
         self.num_train, self.num_test = len(self.train_images), len(self.test_images)
         all_jpeg = all(p.lower().endswith(JPEG_SUFFIXES) for p in self.train_images.paths + self.test_images.paths)
         if decode == "gpu" and (self.device.type != "cuda" or not all_jpeg):
-            raise ConfigError(f"dataset.decode=gpu needs trainer.device on CUDA and JPEG files only (device "
-                              f"{self.device}{'' if all_jpeg else ', some files are not JPEG'}); use cpu or auto")
+            raise ConfigError(
+                f"dataset.decode=gpu needs trainer.device on CUDA and JPEG files only (device "
+                f"{self.device}{'' if all_jpeg else ', some files are not JPEG'}); use cpu or auto"
+            )
         self.decode = ("gpu" if self.device.type == "cuda" and all_jpeg else "cpu") if decode == "auto" else decode
         mean, std = (torch.tensor(v, device=self.device).view(1, 3, 1, 1) for v in IMAGENET_NORMALIZATION)
         self._scale, self._shift = 1.0 / (255.0 * std), -mean / std
-        log.info("%s: %d train / %d val images in %d classes from %s, %dx%d crops, decode=%s, %d workers", name,
-                 self.num_train, self.num_test, self.num_classes, self.root, image_size, image_size, self.decode,
-                 num_workers)
+        log.info(
+            "%s: %d train / %d val images in %d classes from %s, %dx%d crops, decode=%s, %d workers",
+            name,
+            self.num_train,
+            self.num_test,
+            self.num_classes,
+            self.root,
+            image_size,
+            image_size,
+            self.decode,
+            num_workers,
+        )
 
     @property
     def num_train_batches(self) -> int:
@@ -260,13 +304,27 @@ class ImageFolderData:
         if epoch is None:
             views = [eval_view(image, self.image_size, self.resize_size) for image in decoded]
         else:
-            views = [train_view(image, self.image_size, sample_generator(self.seed, epoch, i))
-                     for image, i in zip(decoded, indices)]
+            views = [
+                train_view(image, self.image_size, sample_generator(self.seed, epoch, i))
+                for image, i in zip(decoded, indices)
+            ]
         return torch.stack(views)
 
 
-def _image_folder(name: str, root, image_size, resize_size, batch_size, num_workers, decode, augment, seed, device,
-                  num_classes, input_size) -> ImageFolderData:
+def _image_folder(
+    name: str,
+    root,
+    image_size,
+    resize_size,
+    batch_size,
+    num_workers,
+    decode,
+    augment,
+    seed,
+    device,
+    num_classes,
+    input_size,
+) -> ImageFolderData:
     """Validate the settings, then scan the tree; num_classes/input_size, when given, must be the data's."""
     _check_int("image_size", image_size, 1)
     _check_int("resize_size", resize_size, 1)
@@ -279,29 +337,90 @@ def _image_folder(name: str, root, image_size, resize_size, batch_size, num_work
     _check_bool("augment", augment)
     if root is None:
         raise ConfigError(f"dataset.root must be the folder holding train/ and val/ for {name}")
-    data = ImageFolderData(name=name, root=root, image_size=image_size, resize_size=resize_size,
-                           batch_size=batch_size, num_workers=num_workers, decode=decode, augment=augment, seed=seed,
-                           device=device)
+    data = ImageFolderData(
+        name=name,
+        root=root,
+        image_size=image_size,
+        resize_size=resize_size,
+        batch_size=batch_size,
+        num_workers=num_workers,
+        decode=decode,
+        augment=augment,
+        seed=seed,
+        device=device,
+    )
     if num_classes is not None and num_classes != data.num_classes:
-        raise ConfigError(f"dataset.num_classes={num_classes} but {data.root}/train has {data.num_classes} class "
-                          "folders; leave it null (read from the data)")
+        raise ConfigError(
+            f"dataset.num_classes={num_classes} but {data.root}/train has {data.num_classes} class "
+            "folders; leave it null (read from the data)"
+        )
     if input_size is not None and tuple(input_size) != data.input_size:
-        raise ConfigError(f"dataset.input_size={list(input_size)} but the crops are {list(data.input_size)}; "
-                          "leave it null (set dataset.image_size)")
+        raise ConfigError(
+            f"dataset.input_size={list(input_size)} but the crops are {list(data.input_size)}; "
+            "leave it null (set dataset.image_size)"
+        )
     return data
 
 
-def imagefolder(*, name: str = "imagefolder", root=None, image_size: int = 224, resize_size: int = 256,
-                batch_size: int = 256, num_workers: int = 8, decode: str = "auto", augment: bool = True,
-                seed: int = 0, num_classes: int | None = None, input_size=None, device="cpu") -> ImageFolderData:
+def imagefolder(
+    *,
+    name: str = "imagefolder",
+    root=None,
+    image_size: int = 224,
+    resize_size: int = 256,
+    batch_size: int = 256,
+    num_workers: int = 8,
+    decode: str = "auto",
+    augment: bool = True,
+    seed: int = 0,
+    num_classes: int | None = None,
+    input_size=None,
+    device="cpu",
+) -> ImageFolderData:
     """Any ``root/{train,val}/<class>/<image>`` tree with the ImageNet pipeline; classes and size from the data."""
-    return _image_folder(name, root, image_size, resize_size, batch_size, num_workers, decode, augment, seed, device,
-                         num_classes, input_size)
+    return _image_folder(
+        name,
+        root,
+        image_size,
+        resize_size,
+        batch_size,
+        num_workers,
+        decode,
+        augment,
+        seed,
+        device,
+        num_classes,
+        input_size,
+    )
 
 
-def imagenet(*, name: str = "imagenet", root=None, image_size: int = 224, resize_size: int = 256,
-             batch_size: int = 256, num_workers: int = 8, decode: str = "auto", augment: bool = True, seed: int = 0,
-             num_classes: int | None = None, input_size=None, device="cpu") -> ImageFolderData:
+def imagenet(
+    *,
+    name: str = "imagenet",
+    root=None,
+    image_size: int = 224,
+    resize_size: int = 256,
+    batch_size: int = 256,
+    num_workers: int = 8,
+    decode: str = "auto",
+    augment: bool = True,
+    seed: int = 0,
+    num_classes: int | None = None,
+    input_size=None,
+    device="cpu",
+) -> ImageFolderData:
     """ImageNet-1k in its ImageFolder layout (``train/<wnid>/*.JPEG``, ``val/<wnid>/*.JPEG``)."""
-    return _image_folder(name, root, image_size, resize_size, batch_size, num_workers, decode, augment, seed, device,
-                         num_classes, input_size)
+    return _image_folder(
+        name,
+        root,
+        image_size,
+        resize_size,
+        batch_size,
+        num_workers,
+        decode,
+        augment,
+        seed,
+        device,
+        num_classes,
+        input_size,
+    )

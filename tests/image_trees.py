@@ -6,8 +6,9 @@ import torch
 from torchvision.io import encode_jpeg
 
 
-def write_jpeg_tree(root: Path, classes=("cat", "dog"), per_class: int = 3, val_per_class: int = 2,
-                    size: tuple[int, int] = (40, 48)) -> Path:
+def write_jpeg_tree(
+    root: Path, classes=("cat", "dog"), per_class: int = 3, val_per_class: int = 2, size: tuple[int, int] = (40, 48)
+) -> Path:
     """``root/{train,val}/<class>/<i>.JPEG``: per class a flat colour plus noise, ``size`` (H, W), seeded."""
     generator = torch.Generator().manual_seed(0)
     for split, count in (("train", per_class), ("val", val_per_class)):

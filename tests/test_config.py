@@ -30,8 +30,16 @@ def make_cfg(*overrides: str, hydra: bool = False):
 
 
 def test_every_group_has_its_options():
-    assert options("model") == ["mlp", "resnet110", "resnet20", "resnet32", "resnet44", "resnet56", "timm",
-                                "torchvision"]
+    assert options("model") == [
+        "mlp",
+        "resnet110",
+        "resnet20",
+        "resnet32",
+        "resnet44",
+        "resnet56",
+        "timm",
+        "torchvision",
+    ]
     assert options("quantizer") == ["deadzone", "deadzone_fixed", "none", "uniform"]
     assert options("optimizer") == ["adamw"]
     assert options("logger") == ["csv", "none", "wandb"]

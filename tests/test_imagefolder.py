@@ -4,12 +4,12 @@ import logging
 
 import pytest
 import torch
+from image_trees import write_jpeg_tree
 from torchvision.io import ImageReadMode, decode_image
 from torchvision.transforms import v2
 
 from codeq.errors import DatasetNotFoundError
 from codeq.imagefolder import IMAGENET_NORMALIZATION, imagefolder, imagenet, random_resized_crop_box
-from image_trees import write_jpeg_tree
 
 SMALL = {"image_size": 16, "resize_size": 20, "batch_size": 4, "num_workers": 0}
 
@@ -32,8 +32,14 @@ def test_classes_and_input_size_come_from_the_data(tree):
 def test_eval_batches_are_resize_center_crop_normalised(tree):
     data = imagenet(root=tree, **SMALL)
     x, y = next(iter(data.test_batches()))
-    reference = v2.Compose([v2.Resize(20, antialias=True), v2.CenterCrop(16), v2.ToDtype(torch.float32, scale=True),
-                            v2.Normalize(*IMAGENET_NORMALIZATION)])
+    reference = v2.Compose(
+        [
+            v2.Resize(20, antialias=True),
+            v2.CenterCrop(16),
+            v2.ToDtype(torch.float32, scale=True),
+            v2.Normalize(*IMAGENET_NORMALIZATION),
+        ]
+    )
     first = decode_image(str(tree / "val" / "a" / "0.JPEG"), mode=ImageReadMode.RGB)
     # the pipeline stays uint8 until normalising, the reference goes float after resizing: one grey level apart
     assert torch.allclose(x[0], reference(first), atol=1.01 / 255 / min(IMAGENET_NORMALIZATION[1]))

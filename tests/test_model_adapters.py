@@ -98,14 +98,18 @@ def test_mlp_layers_and_output():
         mlp(num_classes=10, hidden_sizes=[0])
 
 
-@pytest.mark.parametrize("build, expected", [
-    (lambda: resnet20(), ["conv1", "linear"]),
-    (lambda: torchvision_model("resnet50", 10, SMALL), ["conv1", "fc"]),
-    (lambda: torchvision_model("mobilenet_v2", 10, SMALL), ["features.0.0", "classifier.1"]),
-    (lambda: torchvision_model("efficientnet_b0", 10, SMALL), ["features.0.0", "classifier.1"]),
-    (lambda: timm_model("tiny_vit_5m_224", 10, SMALL), ["patch_embed.conv1.conv", "head.fc"]),
-    (lambda: mlp(10), ["fc0", "classifier"]),
-], ids=["resnet20", "resnet50", "mobilenet_v2", "efficientnet_b0", "tiny_vit_5m_224", "mlp"])
+@pytest.mark.parametrize(
+    "build, expected",
+    [
+        (lambda: resnet20(), ["conv1", "linear"]),
+        (lambda: torchvision_model("resnet50", 10, SMALL), ["conv1", "fc"]),
+        (lambda: torchvision_model("mobilenet_v2", 10, SMALL), ["features.0.0", "classifier.1"]),
+        (lambda: torchvision_model("efficientnet_b0", 10, SMALL), ["features.0.0", "classifier.1"]),
+        (lambda: timm_model("tiny_vit_5m_224", 10, SMALL), ["patch_embed.conv1.conv", "head.fc"]),
+        (lambda: mlp(10), ["fc0", "classifier"]),
+    ],
+    ids=["resnet20", "resnet50", "mobilenet_v2", "efficientnet_b0", "tiny_vit_5m_224", "mlp"],
+)
 def test_exclusion_defaults_are_each_familys_stem_and_classifier(build, expected, caplog):
     model = build()
     assert first_and_last_layers(model) == expected

@@ -59,9 +59,7 @@ def _probe(model: nn.Module, label: str, input_size: tuple[int, int, int]) -> nn
     return model
 
 
-def torchvision_model(
-    name: str, num_classes: int, input_size=(3, 224, 224), weights: str | None = None
-) -> nn.Module:
+def torchvision_model(name: str, num_classes: int, input_size=(3, 224, 224), weights: str | None = None) -> nn.Module:
     """``torchvision.models.get_model(name)`` with ``num_classes`` outputs.
 
     ``weights``: None, a torchvision weights name of this model (``IMAGENET1K_V1``, ``DEFAULT``,
@@ -96,8 +94,10 @@ def _torchvision_weights(tv, name: str, weights: str):
         return tv.get_weight(weights) if "." in weights else tv.get_model_weights(name)[weights]
     except (KeyError, ValueError, AttributeError):
         allowed = ", ".join(["DEFAULT", *(w.name for w in tv.get_model_weights(name))])
-        raise ConfigError(f"model.weights={weights!r} is not a weights name of {name}; allowed: {allowed}, "
-                          "or a path to a state-dict file") from None
+        raise ConfigError(
+            f"model.weights={weights!r} is not a weights name of {name}; allowed: {allowed}, "
+            "or a path to a state-dict file"
+        ) from None
 
 
 def _download(enum, weights: str) -> dict[str, torch.Tensor]:
@@ -107,8 +107,10 @@ def _download(enum, weights: str) -> dict[str, torch.Tensor]:
         return enum.get_state_dict(progress=False)
     except (OSError, RuntimeError) as exc:
         reason = " ".join(str(exc).split())[:120] or type(exc).__name__
-        raise ConfigError(f"model.weights={weights}: cannot download {enum.url} ({reason}); put that file at "
-                          f"{cached}, or pass model.weights=/path/to/state_dict.pth") from None
+        raise ConfigError(
+            f"model.weights={weights}: cannot download {enum.url} ({reason}); put that file at "
+            f"{cached}, or pass model.weights=/path/to/state_dict.pth"
+        ) from None
 
 
 def timm_model(
@@ -124,8 +126,10 @@ def timm_model(
 
     if not timm.is_model(name):
         close = timm.list_models(f"*{name.split('_')[0]}*")[:5]
-        raise ConfigError(f"model.name={name!r} is not a timm model; allowed: any of timm.list_models()"
-                          + (f", e.g. {', '.join(close)}" if close else ""))
+        raise ConfigError(
+            f"model.name={name!r} is not a timm model; allowed: any of timm.list_models()"
+            + (f", e.g. {', '.join(close)}" if close else "")
+        )
     num_classes = _check_num_classes(num_classes)
     input_size = _check_input_size(input_size)
     kwargs = {"num_classes": num_classes, "in_chans": input_size[0], "drop_path_rate": float(drop_path_rate)}
@@ -133,16 +137,20 @@ def timm_model(
     full_name = name if not pretrained or weights == "default" else f"{name}.{weights}"
     if pretrained and weights != "default" and full_name not in timm.list_pretrained(f"{name}.*"):
         tags = [n.split(".", 1)[1] for n in timm.list_pretrained(f"{name}.*")]
-        raise ConfigError(f"model.weights={weights!r} is not a pretrained tag of {name}; allowed: default, "
-                          f"{', '.join(tags) or '(none)'}, or a path to a weights file")
+        raise ConfigError(
+            f"model.weights={weights!r} is not a pretrained tag of {name}; allowed: default, "
+            f"{', '.join(tags) or '(none)'}, or a path to a weights file"
+        )
     try:
         model = _create_timm(timm, full_name, pretrained, kwargs, input_size)
     except (OSError, RuntimeError) as exc:
         if not pretrained:
             raise
         reason = " ".join(str(exc).split())[:120] or type(exc).__name__
-        raise ConfigError(f"model.weights={weights}: timm cannot fetch {full_name} from the Hugging Face hub ({reason}); "
-                          "download its model.safetensors and pass model.weights=/path/to/model.safetensors") from None
+        raise ConfigError(
+            f"model.weights={weights}: timm cannot fetch {full_name} from the Hugging Face hub ({reason}); "
+            "download its model.safetensors and pass model.weights=/path/to/model.safetensors"
+        ) from None
     if weights is not None and not pretrained:
         head = model.pretrained_cfg.get("classifier") or first_and_last_layers(model)[-1]
         load_weights(model, read_state_dict(weights), str(weights), head)
@@ -156,6 +164,9 @@ def _create_timm(timm, full_name: str, pretrained: bool, kwargs: dict, input_siz
     except TypeError as exc:
         if "img_size" not in str(exc):
             raise
-    log.info("%s takes no img_size argument: it is built as is and adapts to %s inputs", full_name,
-             "x".join(map(str, input_size)))
+    log.info(
+        "%s takes no img_size argument: it is built as is and adapts to %s inputs",
+        full_name,
+        "x".join(map(str, input_size)),
+    )
     return timm.create_model(full_name, pretrained=pretrained, **kwargs)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 from collections import OrderedDict
-from typing import Sequence
+from collections.abc import Sequence
 
 from torch import nn
 
@@ -26,7 +26,7 @@ class MLP(nn.Sequential):
 
 
 def mlp(num_classes: int, input_size=(3, 32, 32), hidden_sizes: Sequence[int] = (512, 256)) -> MLP:
-    """An MLP for ``input_size`` [C, H, W] images: C·H·W inputs, ``hidden_sizes`` hidden widths, ``num_classes`` outputs."""
+    """An MLP for ``input_size`` [C, H, W] images: C·H·W inputs, ``hidden_sizes`` widths, ``num_classes`` outputs."""
     sizes = list(hidden_sizes) if hidden_sizes is not None else None
     if sizes is None or any(isinstance(h, bool) or not isinstance(h, int) or h < 1 for h in sizes):
         raise ConfigError(f"model.hidden_sizes must be a list of integers >= 1, got {hidden_sizes!r}")

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 import torch
 from torch import nn
@@ -30,7 +31,9 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
         else:
             content = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001 - any unreadable file is one line naming it
-        raise ConfigError(f"model.weights={str(path)!r} is not a readable weights file ({type(exc).__name__})") from None
+        raise ConfigError(
+            f"model.weights={str(path)!r} is not a readable weights file ({type(exc).__name__})"
+        ) from None
     for key in ("state_dict", "model"):
         if isinstance(content, Mapping) and isinstance(content.get(key), Mapping):
             content = content[key]

@@ -65,9 +65,15 @@ def attach_weight_quantizers(
             raise ValueError(f"layer {name!r} already has a weight parametrization")
         parametrize.register_parametrization(module, "weight", FakeQuantParametrization(quantizer(**kwargs), enabled))
         attached.append(name)
-    skipped = [name for name, module in model.named_modules() if isinstance(module, QUANTIZABLE) and name not in attached]
-    log.info("Attached weight quantizers to %d layers: %s; not quantized: %s", len(attached), ", ".join(attached),
-             ", ".join(skipped) or "none")
+    skipped = [
+        name for name, module in model.named_modules() if isinstance(module, QUANTIZABLE) and name not in attached
+    ]
+    log.info(
+        "Attached weight quantizers to %d layers: %s; not quantized: %s",
+        len(attached),
+        ", ".join(attached),
+        ", ".join(skipped) or "none",
+    )
     return attached
 
 
