@@ -20,12 +20,22 @@ import logging
 import math
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import BatchSampler, DataLoader, Dataset, default_collate
 
-from codeq.data import _STREAM_EPOCH, _check_bool, _check_choice, _check_int, derived_seed, seeded_generator
+from codeq.data import (
+    _STREAM_EPOCH,
+    _check_bool,
+    _check_choice,
+    _check_int,
+    _check_shard,
+    _RankBatches,
+    derived_seed,
+    seeded_generator,
+)
 from codeq.errors import ConfigError, DatasetNotFoundError
 
 log = logging.getLogger(__name__)
@@ -173,27 +183,41 @@ class _EncodedImages(Dataset):
         return i, read_file(self.images.paths[i]), self.images.labels[i]
 
 
+def _collate_decoded(size: int, samples: list) -> tuple[torch.Tensor, torch.Tensor]:
+    """Stack uint8 images and labels; a rank's empty part of a small last batch is an empty batch of the right shape."""
+    if not samples:
+        return torch.empty(0, 3, size, size, dtype=torch.uint8), torch.empty(0, dtype=torch.int64)
+    return default_collate(samples)
+
+
 def _collate_encoded(samples: list) -> tuple[list[int], list[torch.Tensor], torch.Tensor]:
+    if not samples:
+        return [], [], torch.empty(0, dtype=torch.int64)
     indices, data, labels = zip(*samples)
     return list(indices), list(data), torch.stack(labels)
 
 
 class _Batches:
-    """Sized iterable of normalised ``(x, y)`` batches on the device over a DataLoader of one split."""
+    """Sized iterable of normalised ``(x, y)`` batches on the device over a DataLoader of one split.
 
-    def __init__(self, data: ImageFolderData, images: ImageList, epoch: int | None):
+    Data-parallel: rank ``rank`` of ``world_size`` loads only its ``rank_slice`` of every global batch.
+    """
+
+    def __init__(self, data: ImageFolderData, images: ImageList, epoch: int | None, rank: int, world_size: int):
         self._data, self._images, self._epoch = data, images, epoch
+        self._rank, self._world_size = rank, world_size
 
     def __len__(self) -> int:
         return math.ceil(len(self._images) / self._data.batch_size)
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        data, epoch = self._data, self._epoch
+        data, epoch, n = self._data, self._epoch, len(self._images)
         order = (
-            None
+            range(n)
             if epoch is None
-            else torch.randperm(len(self._images), generator=seeded_generator(data.seed, _STREAM_EPOCH, epoch)).tolist()
+            else torch.randperm(n, generator=seeded_generator(data.seed, _STREAM_EPOCH, epoch)).tolist()
         )
+        batches = _RankBatches(BatchSampler(order, data.batch_size, drop_last=False), self._rank, self._world_size)
         gpu = data.decode == "gpu"
         crop_epoch = epoch if data.augment else None  # None: the evaluation view
         dataset = (
@@ -203,12 +227,10 @@ class _Batches:
         )
         loader = DataLoader(
             dataset,
-            batch_size=data.batch_size,
-            sampler=order,
+            batch_sampler=batches,
             num_workers=data.num_workers,
             pin_memory=data.device.type == "cuda" and not gpu,
-            collate_fn=_collate_encoded if gpu else None,
-            persistent_workers=False,
+            collate_fn=_collate_encoded if gpu else partial(_collate_decoded, data.image_size),
         )
         for batch in loader:
             if gpu:
@@ -281,15 +303,18 @@ class ImageFolderData:
     def num_test_batches(self) -> int:
         return math.ceil(self.num_test / self.batch_size)
 
-    def train_batches(self, epoch: int) -> _Batches:
-        """The shuffled, augmented batches of ``epoch``: the same for the same ``(seed, epoch)``."""
+    def train_batches(self, epoch: int, rank: int = 0, world_size: int = 1) -> _Batches:
+        """The shuffled, augmented batches of ``epoch``: the same for the same ``(seed, epoch)``; with
+        ``world_size`` > 1, rank ``rank``'s part of each global batch (together exactly the single-process batch)."""
         if isinstance(epoch, bool) or not isinstance(epoch, int) or epoch < 0:
             raise ValueError(f"epoch must be an integer >= 0, got {epoch!r}")
-        return _Batches(self, self.train_images, epoch)
+        _check_shard(rank, world_size)
+        return _Batches(self, self.train_images, epoch, rank, world_size)
 
-    def test_batches(self) -> _Batches:
-        """The val split in file order, Resize + CenterCrop."""
-        return _Batches(self, self.test_images, None)
+    def test_batches(self, rank: int = 0, world_size: int = 1) -> _Batches:
+        """The val split in file order, Resize + CenterCrop (this rank's part of each batch, as above)."""
+        _check_shard(rank, world_size)
+        return _Batches(self, self.test_images, None, rank, world_size)
 
     def normalize(self, images: torch.Tensor) -> torch.Tensor:
         """uint8 ``B x 3 x H x W`` -> float32 on the device, ``(u8 / 255 - mean) / std``: the one non-uint8 step."""
@@ -300,6 +325,8 @@ class ImageFolderData:
         """Decode a batch of JPEG bytes on the GPU in one call, then crop/resize each image there (uint8)."""
         from torchvision.io import ImageReadMode, decode_jpeg
 
+        if not encoded:
+            return torch.empty(0, 3, self.image_size, self.image_size, dtype=torch.uint8, device=self.device)
         decoded = decode_jpeg(encoded, mode=ImageReadMode.RGB, device=self.device)
         if epoch is None:
             views = [eval_view(image, self.image_size, self.resize_size) for image in decoded]

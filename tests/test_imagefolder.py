@@ -96,3 +96,14 @@ def test_files_that_are_not_images_are_skipped_with_one_warning(tmp_path, caplog
     assert data.num_train == 6
     warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     assert len(warnings) == 1 and "ignored 2 files that are not images" in warnings[0]
+
+
+def test_rank_shards_together_are_the_single_process_batches(tree):
+    data = imagefolder(root=tree, seed=1, **SMALL)
+    for batches in (lambda **kw: data.train_batches(4, **kw), lambda **kw: data.test_batches(**kw)):
+        whole = list(batches())
+        parts = [list(batches(rank=rank, world_size=3)) for rank in range(3)]
+        assert [len(p) for p in parts] == [len(whole)] * 3
+        for i, (x, y) in enumerate(whole):
+            assert torch.equal(torch.cat([p[i][0] for p in parts]), x)
+            assert torch.equal(torch.cat([p[i][1] for p in parts]), y)

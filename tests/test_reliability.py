@@ -295,7 +295,7 @@ def test_missing_dataset_without_download_names_the_root(tmp_path, monkeypatch, 
         assert "dataset.root" in line and "dataset.download=true" in line and "Traceback" not in stderr
 
 
-@pytest.mark.parametrize("group, option", [("model", "resnet21"), ("dataset", "imagenet"), ("sparsity", "lasso")])
+@pytest.mark.parametrize("group, option", [("model", "resnet21"), ("dataset", "imagenet21k"), ("sparsity", "lasso")])
 def test_unknown_option_lists_the_options(group, option, tmp_path, monkeypatch, capsys):
     code = run_in_process(*TINY, f"{group}={option}", f"hydra.run.dir={tmp_path}", monkeypatch=monkeypatch)
     stderr = capsys.readouterr().err
