@@ -107,3 +107,13 @@ def test_rank_shards_together_are_the_single_process_batches(tree):
         for i, (x, y) in enumerate(whole):
             assert torch.equal(torch.cat([p[i][0] for p in parts]), x)
             assert torch.equal(torch.cat([p[i][1] for p in parts]), y)
+
+
+def test_batched_decode_path_gives_the_worker_paths_batches(tree, monkeypatch):
+    """decode=gpu reads bytes in workers and decodes a whole batch in one decode_jpeg call; run here on the CPU."""
+    data = imagefolder(root=tree, seed=2, **SMALL)
+    expected = [list(data.train_batches(0)), list(data.test_batches())]
+    monkeypatch.setattr(data, "decode", "gpu")
+    for want, got in zip(expected, [list(data.train_batches(0)), list(data.test_batches())]):
+        for (x, y), (x2, y2) in zip(want, got):
+            assert torch.equal(x, x2) and torch.equal(y, y2)
