@@ -29,9 +29,9 @@ from torch.nn.utils import parametrize
 from codeq import models, sparsity
 from codeq.data import synthetic
 from codeq.evaluator import Evaluator
+from codeq.optim import adamw
 from codeq.quant import DeadZoneLDZCompander, StackedFakeQuant, attach_weight_quantizers, quantized_layers
 from codeq.rundir import read_metrics
-from codeq.trainer import build_adamw
 
 EXCLUDE = ["conv1", "linear"]
 # each loss with its default strength λ from conf/sparsity/
@@ -80,7 +80,7 @@ def make_step(
 ) -> Callable[[], None]:
     """One training step as the trainer takes it: forward, CE (+ λ·sparsity for ``loss`` = (fn, λ)), backward,
     the trainer's AdamW; the quantized weights computed as ``QUANTIZED_WEIGHTS[quantized_weights]``."""
-    optimizer = build_adamw(
+    optimizer = adamw(
         model, lr=1e-3, weight_decay=0.0, lr_dz=1e-3, weight_decay_dz=0.01, lr_bit=1e-3, weight_decay_bit=0.01
     )
     context = QUANTIZED_WEIGHTS[quantized_weights](model)

@@ -25,10 +25,11 @@ from torch import nn
 
 from codeq import pareto
 from codeq.checkpoint import CHECKPOINT_FILE, load_checkpoint
+from codeq.cost import Evaluator
 from codeq.errors import ConfigError
-from codeq.evaluator import Evaluator
 from codeq.loggers import Logger
 from codeq.models import first_and_last_layers
+from codeq.plots import compression_figures
 from codeq.quant import attach_weight_quantizers, quantized_layers
 from codeq.rundir import RunFiles
 from codeq.trainer import (
@@ -36,7 +37,6 @@ from codeq.trainer import (
     TrainerConfig,
     TrainingDiverged,
     TrainingInterrupted,
-    compression_figures,
     resolve_device,
 )
 
@@ -176,7 +176,7 @@ def build(cfg: DictConfig, run_dir: Path) -> tuple[Trainer, dict[str, Any] | Non
     if trainer_cfg.channels_last:
         model.to(memory_format=torch.channels_last)
     optimizer = instantiate_group(cfg, "optimizer")(model)
-    lr_scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=trainer_cfg.epochs)
+    lr_scheduler = instantiate_group(cfg, "lr_scheduler")(optimizer)
 
     trainer = Trainer(
         trainer_cfg,

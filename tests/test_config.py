@@ -41,10 +41,21 @@ def test_every_group_has_its_options():
         "torchvision",
     ]
     assert options("quantizer") == ["deadzone", "deadzone_fixed", "none", "uniform"]
-    assert options("optimizer") == ["adamw"]
+    assert options("optimizer") == ["adamw", "sgd"]
+    assert options("lr_scheduler") == ["constant", "cosine", "cosine_warmup", "step"]
     assert options("logger") == ["csv", "none", "wandb"]
     assert set(options("experiment")) >= {"paper_resnet20_cifar10", "paper_resnet20_cifar10_4bit", "quickstart"}
-    for group in ("model", "dataset", "quantizer", "sparsity", "schedule", "optimizer", "trainer", "logger"):
+    for group in (
+        "model",
+        "dataset",
+        "quantizer",
+        "sparsity",
+        "schedule",
+        "optimizer",
+        "lr_scheduler",
+        "trainer",
+        "logger",
+    ):
         for option in options(group):
             assert "_target_" in OmegaConf.load(CONF / group / f"{option}.yaml"), f"{group}/{option}"
 
@@ -210,7 +221,7 @@ def test_paper_presets():
         300,
     )
     assert OmegaConf.to_container(cfg.optimizer, resolve=True) | {"betas": None} == {
-        "_target_": "codeq.trainer.build_adamw",
+        "_target_": "codeq.optim.adamw",
         "_partial_": True,
         "lr": 1e-3,
         "weight_decay": 0.0,

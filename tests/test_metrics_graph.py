@@ -8,7 +8,7 @@ import torch.nn.functional as F
 import torchvision
 from torch.utils.flop_counter import FlopCounterMode
 
-import codeq.metrics as metrics
+from codeq.cost import liveness
 from codeq.metrics import NullChannels, QuantizationComparison
 from codeq.models import BasicBlock, resnet20, resnet56
 from codeq.quant import DeadZoneLDZCompander, attach_weight_quantizers
@@ -248,8 +248,8 @@ def test_reported_null_channels_are_exactly_the_measured_zero_activations(name, 
 def test_trace_runs_once_per_model_across_evaluations_and_quantizer_attachment(monkeypatch):
     """The baseline object is later parametrized: same layer names/shapes, so no new trace."""
     calls = []
-    real_trace = metrics._trace_model
-    monkeypatch.setattr(metrics, "_trace_model", lambda *a: calls.append(1) or real_trace(*a))
+    real_trace = liveness.trace_model
+    monkeypatch.setattr(liveness, "trace_model", lambda *a: calls.append(1) or real_trace(*a))
     model = resnet20()
     qc = QuantizationComparison(input_size=(3, 8, 8))
     baseline = qc.set_baseline(model)
@@ -263,8 +263,8 @@ def test_trace_runs_once_per_model_across_evaluations_and_quantizer_attachment(m
 
 def test_trace_is_redone_when_a_layer_changes(monkeypatch):
     calls = []
-    real_trace = metrics._trace_model
-    monkeypatch.setattr(metrics, "_trace_model", lambda *a: calls.append(1) or real_trace(*a))
+    real_trace = liveness.trace_model
+    monkeypatch.setattr(liveness, "trace_model", lambda *a: calls.append(1) or real_trace(*a))
     model = _ones(ToyResidual())
     qc = QuantizationComparison(input_size=(2, 4, 4))
     qc.set_baseline(model)

@@ -9,6 +9,7 @@ from torch.nn.utils import parametrize
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from codeq.models import resnet20
+from codeq.optim import parameter_groups
 from codeq.quant import (
     DeadZoneLDZCompander,
     FakeQuantParametrization,
@@ -16,7 +17,6 @@ from codeq.quant import (
     UniformSymmetric,
     attach_weight_quantizers,
     quantized_layers,
-    split_param_groups,
     toggle_quantization,
 )
 from codeq.quant import quantizer as quantizer_module
@@ -173,7 +173,8 @@ def test_toggle_gives_back_latent_weight_exactly():
 def test_parameter_groups():
     model = resnet20()
     attach_weight_quantizers(model, ["conv1", "linear"], DeadZoneLDZCompander, {}, enabled=False)
-    weights, dz, bit = split_param_groups(model)
+    groups = parameter_groups(model)
+    weights, dz, bit = groups["weights"], groups["deadzone"], groups["bits"]
     assert len(dz) == len(bit) == 18
     assert sum(p.numel() for p in weights) == 269_722
     assert isinstance(model.layer2[0].conv2.parametrizations.weight[0], FakeQuantParametrization)

@@ -14,6 +14,7 @@ from codeq.checkpoint import load_checkpoint
 from codeq.errors import ConfigError
 from codeq.evaluator import Evaluator
 from codeq.loggers import NullLogger
+from codeq.optim import adamw
 from codeq.quant import DeadZoneLDZCompander, attach_weight_quantizers
 from codeq.rundir import RunFiles, read_metrics
 from codeq.trainer import (
@@ -21,7 +22,6 @@ from codeq.trainer import (
     TrainerConfig,
     TrainingDiverged,
     TrainingInterrupted,
-    build_adamw,
     resolve_device,
 )
 
@@ -105,9 +105,7 @@ def make_trainer(
     model = TinyNet()
     evaluator = Evaluator(model, input_size=TinyData.input_size)
     attach_weight_quantizers(model, exclude_layers=[], quantizer=quantizer)
-    optimizer = build_adamw(
-        model, lr=lr, weight_decay=0.0, lr_dz=lr, weight_decay_dz=0.0, lr_bit=lr, weight_decay_bit=0.0
-    )
+    optimizer = adamw(model, lr=lr, weight_decay=0.0, lr_dz=lr, weight_decay_dz=0.0, lr_bit=lr, weight_decay_bit=0.0)
     config = TrainerConfig(
         epochs=epochs, device="cpu", viz_interval=viz_interval, log_every_steps=log_every_steps, precision=precision
     )
@@ -297,25 +295,6 @@ def test_bf16_autocast_trains_with_fp32_weights(tmp_path):
     (row,) = read_metrics(tmp_path / "metrics.jsonl")
     assert all(math.isfinite(row[key]) for key in ("train/loss", "eval/loss", "train/sparsity_loss"))
     assert all(p.dtype == torch.float32 for p in trainer.model.parameters())
-
-
-def test_build_adamw_validates_every_setting():
-    model = TinyNet()
-    with pytest.raises(ConfigError, match=r"optimizer.lr_dz must be a finite number >= 0, got -1"):
-        build_adamw(model, lr=1e-3, weight_decay=0, lr_dz=-1, weight_decay_dz=0, lr_bit=1e-3, weight_decay_bit=0)
-    with pytest.raises(ConfigError, match="optimizer.betas"):
-        build_adamw(
-            model, lr=1e-3, weight_decay=0, lr_dz=0, weight_decay_dz=0, lr_bit=0, weight_decay_bit=0, betas=[0.9, 1.5]
-        )
-
-
-def test_fixed_bits_leave_the_bit_group_out():
-    model = TinyNet()
-    attach_weight_quantizers(model, [], DeadZoneLDZCompander, {"learnable_bit": False})
-    optimizer = build_adamw(
-        model, lr=1e-3, weight_decay=0, lr_dz=1e-3, weight_decay_dz=0.01, lr_bit=1e-3, weight_decay_bit=0.01
-    )
-    assert [(g["name"], len(g["params"])) for g in optimizer.param_groups] == [("weights", 3), ("deadzone", 2)]
 
 
 def test_resolve_device():

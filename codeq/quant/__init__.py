@@ -6,7 +6,6 @@ from codeq.quant.parametrize import (
     attach_weight_quantizers,
     fake_quant_of,
     quantized_layers,
-    split_param_groups,
     toggle_quantization,
 )
 from codeq.quant.quantizer import DeadZoneLDZCompander, UniformSymmetric
@@ -19,6 +18,5 @@ __all__ = [
     "attach_weight_quantizers",
     "fake_quant_of",
     "quantized_layers",
-    "split_param_groups",
     "toggle_quantization",
 ]

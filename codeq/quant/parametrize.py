@@ -1,4 +1,4 @@
-"""Attach quantizers to Conv/Linear weights as parametrizations, toggle them, split optimizer groups."""
+"""Attach quantizers to Conv/Linear weights as parametrizations, toggle them, compute them stacked."""
 
 from __future__ import annotations
 
@@ -99,20 +99,6 @@ def toggle_quantization(model: nn.Module, enabled: bool) -> None:
     """Switch every weight quantizer of ``model`` on or off (off gives back the latent weights)."""
     for _, _, fq in quantized_layers(model):
         fq.enabled = enabled
-
-
-def split_param_groups(model: nn.Module) -> tuple[list[nn.Parameter], list[nn.Parameter], list[nn.Parameter]]:
-    """Split parameters into (weights, dead-zone logits, bit logits) for three optimizer groups."""
-    weights, dz, bit = [], [], []
-    for name, param in model.named_parameters():
-        leaf = name.rsplit(".", 1)[-1]
-        if leaf == "logit_dz":
-            dz.append(param)
-        elif leaf == "logit_bit":
-            bit.append(param)
-        else:
-            weights.append(param)
-    return weights, dz, bit
 
 
 class StackedFakeQuant:

@@ -200,6 +200,10 @@ class DeadZoneLDZCompander(nn.Module):
         self.logit_dz = nn.Parameter(torch.tensor(float(init_deadzone_logit)), requires_grad=learnable_deadzone)
         self.logit_bit = nn.Parameter(torch.tensor(float(init_bit_logit)), requires_grad=learnable_bit)
 
+    def param_groups(self) -> dict[str, list[nn.Parameter]]:
+        """The dead-zone logit trains in the optimizer's "deadzone" group, the bit logit in "bits"."""
+        return {"deadzone": [self.logit_dz], "bits": [self.logit_bit]}
+
     def bitwidth(self) -> torch.Tensor:
         """Current bit-width b as a tensor (differentiable w.r.t. θ_bit through the round STE)."""
         if not self.learnable_bit:
@@ -261,6 +265,10 @@ class UniformSymmetric(nn.Module):
         if bitwidth < 2:
             raise ValueError(f"bitwidth must be >= 2, got {bitwidth}")
         self.bits = int(bitwidth)
+
+    def param_groups(self) -> dict[str, list[nn.Parameter]]:
+        """No learned parameters."""
+        return {}
 
     @torch.no_grad()
     def get_bitwidth(self) -> torch.Tensor:
