@@ -26,19 +26,15 @@ from torch import nn
 from codeq import pareto
 from codeq.checkpoint import CHECKPOINT_FILE, load_checkpoint
 from codeq.cost import Evaluator
+from codeq.device import resolve_device
 from codeq.errors import ConfigError
 from codeq.loggers import Logger
 from codeq.models import first_and_last_layers
 from codeq.plots import compression_figures
 from codeq.quant import attach_weight_quantizers, quantized_layers
+from codeq.resume import TrainingInterrupted
 from codeq.rundir import RunFiles
-from codeq.trainer import (
-    Trainer,
-    TrainerConfig,
-    TrainingDiverged,
-    TrainingInterrupted,
-    resolve_device,
-)
+from codeq.trainer import Trainer, TrainerConfig, TrainingDiverged
 
 log = logging.getLogger("codeq.main")
 

@@ -1,21 +1,25 @@
-"""The run dir's plain files (notes/RUNDIR.md): metrics.jsonl, summary.json, failed.json, figures.
+"""The run dir's plain files: metrics.jsonl, summary.json, failed.json and the figures (README "What a run writes").
 
 They are written whatever logger is chosen and are the source of truth for tests, resume and the report.
 """
 
 from __future__ import annotations
 
+import io
 import json
 import logging
 import os
 from pathlib import Path
 from typing import Any
 
+from matplotlib.figure import Figure
+
 log = logging.getLogger(__name__)
 
 METRICS_FILE = "metrics.jsonl"
 SUMMARY_FILE = "summary.json"
 FAILED_FILE = "failed.json"
+FIGURES_DIR = "figures"
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
@@ -130,6 +134,22 @@ class RunFiles:
         epoch = self.rows[-1]["epoch"] if self.rows else None
         record = {"error": error, "type": error_type, "epoch": epoch}
         atomic_write_bytes(self.failed_path, (json.dumps(record, indent=2) + "\n").encode())
+
+    def write_figures(self, figures: dict[str, Figure], epoch: int) -> dict[str, Path]:
+        """Write each figure as figures/<name>/epoch_<epoch>.png (the history) and <name>.png (the latest).
+
+        Returns the latest-name paths. Both are written atomically; figures hold no pyplot state.
+        """
+        paths = {}
+        for name, fig in figures.items():
+            buffer = io.BytesIO()
+            fig.savefig(buffer, format="png", dpi=100)
+            history = self.run_dir / FIGURES_DIR / name / f"epoch_{epoch:04d}.png"
+            history.parent.mkdir(parents=True, exist_ok=True)
+            atomic_write_bytes(history, buffer.getvalue())
+            paths[name] = self.run_dir / f"{name}.png"
+            atomic_write_bytes(paths[name], buffer.getvalue())
+        return paths
 
     def last_completed_epoch(self) -> int | None:
         """The epoch of the last row written, or None before the first epoch ends."""

@@ -11,19 +11,15 @@ import torch.nn.functional as F
 from torch import nn
 
 from codeq.checkpoint import load_checkpoint
+from codeq.device import resolve_device
 from codeq.errors import ConfigError
 from codeq.evaluator import Evaluator
 from codeq.loggers import NullLogger
 from codeq.optim import adamw
 from codeq.quant import DeadZoneLDZCompander, attach_weight_quantizers
+from codeq.resume import TrainingInterrupted
 from codeq.rundir import RunFiles, read_metrics
-from codeq.trainer import (
-    Trainer,
-    TrainerConfig,
-    TrainingDiverged,
-    TrainingInterrupted,
-    resolve_device,
-)
+from codeq.trainer import Trainer, TrainerConfig, TrainingDiverged
 
 CPU = torch.device("cpu")
 
