@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from codeq.cost import liveness
+from codeq.cost.attention import activation_matmul_macs
 from codeq.cost.layers import (
     UNQUANTIZED_BITS,
     LayerQuantInfo,
@@ -40,6 +41,7 @@ class QuantizationComparison:
         self.input_size = tuple(input_size)
         self.b_a = b_a
         self.baseline_stats: ModelStats | None = None
+        self.attention_macs = 0  # activation-by-activation matmul MACs of the baseline's forward pass
         self._traces: weakref.WeakKeyDictionary[nn.Module, liveness.TracedModel] = weakref.WeakKeyDictionary()
 
     def _traced(self, model: nn.Module) -> liveness.TracedModel:
@@ -73,6 +75,7 @@ class QuantizationComparison:
                 )
             )
         self.baseline_stats = _model_stats(layers)
+        self.attention_macs = activation_matmul_macs(model, liveness._probe_input(model, self.input_size))
         return self.baseline_stats
 
     def calculate_stats(self, model: nn.Module, layer_info: dict[str, LayerQuantInfo] | None = None) -> ModelStats:
@@ -153,6 +156,18 @@ class QuantizationComparison:
     # the ratio does not depend on how ``stats`` was counted: the unstructured names are the same functions
     unstructured_compression_ratio = compression_ratio
     unstructured_mac_compression_ratio = mac_compression_ratio
+
+    @property
+    def attention_bops(self) -> float:
+        """BOPs of the activation-by-activation matmuls (q·kᵀ, attn·v): MACs · b_a · b_a, 32 x 32 bits. Weight
+        quantization and pruning cannot shrink them, so they are the same for the baseline and every model."""
+        return float(self.attention_macs * self.b_a * self.b_a)
+
+    def total_compression_ratio(self, stats: ModelStats) -> float:
+        """BOPs compression counting the activation matmuls too: (baseline + attention) / (model + attention).
+        Equals ``compression_ratio`` for a model without them (CNNs, MLPs)."""
+        attention = self.attention_bops
+        return _ratio(self._baseline(stats).total_bops + attention, stats.total_bops + attention)
 
     def _baseline(self, stats: ModelStats) -> ModelStats:
         """The baseline stats, after checking that ``stats`` describes the same layers."""

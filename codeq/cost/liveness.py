@@ -114,9 +114,10 @@ def model_signature(model: nn.Module) -> tuple:
 
 
 def _spatial(module: nn.Module, out_shape: torch.Size) -> tuple[int, int]:
-    """(m_h, m_w): output positions; Linear: every leading dim but batch and features, times 1."""
+    """(m_h, m_w): output positions on the batch-of-one probe; Linear: every dim but features, times 1 (the
+    leading dim counts too: windowed attention folds its windows into it)."""
     if isinstance(module, nn.Linear):
-        return math.prod(out_shape[1:-1]), 1
+        return math.prod(out_shape[:-1]), 1
     dims = out_shape[2:]
     return (dims[0] if dims else 1), math.prod(dims[1:])
 
