@@ -1,4 +1,11 @@
-"""Structured sparsity losses: ``model -> scalar tensor`` on the model's device.
+"""Structured sparsity: losses ``model -> scalar tensor`` and proximal steps after the optimizer step.
+
+A sparsity option (one function + one YAML in conf/sparsity) is either a loss, added to the objective as
+λ·schedule·loss, or a ``Proximal`` step, applied to the latent weights after every optimizer step with
+step size η = λ·schedule·lr (lr: the weights' current learning rate). Both take their λ from
+``sparsity.weight`` and their schedule from the ``schedule`` group, so they are configured the same way.
+A proximal step zeroes whole filters *exactly*; the dead-zone quantizer maps a zero row to zero whatever
+its width, so those channels are dead in the cost analysis. Gradient steps on a loss only shrink them.
 
 Each loss reads ``module.weight`` of every Conv (and, with ``include_linear``, Linear) layer. With
 quantizers attached that is the effective (quantized) weight, so gradients reach the latent weights
@@ -11,16 +18,31 @@ per layer) and has a finite subgradient, 0, at an all-zero group: dead channels 
 
 from __future__ import annotations
 
+import fnmatch
+import math
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.utils import parametrize
 
 from codeq.errors import ConfigError
 
 SparsityLoss = Callable[[nn.Module], torch.Tensor]
+
+
+@dataclass(frozen=True)
+class Proximal:
+    """A sparsity option acting after each optimizer step: ``step(model, η)`` applies prox_{η·R} to the weights.
+
+    η = λ·schedule(epoch)·lr; R is the regulariser the option names (e.g. a group lasso).
+    """
+
+    step: Callable[[nn.Module, float], None]
+
 
 PENALISED_CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 
@@ -124,3 +146,86 @@ def l1_kernel_sparsity(model: nn.Module, include_linear: bool = False) -> torch.
     if not flat:
         return torch.zeros((), device=_device_of(model))
     return torch.cat(flat).abs().sum()
+
+
+def _check_fraction(dead_fraction: object) -> float:
+    if isinstance(dead_fraction, bool) or not isinstance(dead_fraction, (int, float)) or not 0 <= dead_fraction < 1:
+        raise ConfigError(f"sparsity.dead_fraction must be a number in [0, 1), got {dead_fraction!r}")
+    return float(dead_fraction)
+
+
+def _check_exclude_layers(exclude_layers: object) -> list[str]:
+    if exclude_layers is None:
+        return []
+    if isinstance(exclude_layers, str) or not all(isinstance(name, str) for name in exclude_layers):
+        raise ConfigError(f"sparsity.exclude_layers must be a list of module names or globs, got {exclude_layers!r}")
+    return list(exclude_layers)
+
+
+def _latent_weights(model: nn.Module, include_linear: bool, exclude_layers: list[str]) -> Iterator[torch.Tensor]:
+    """The trained weight parameter of every Conv (and Linear when asked) not excluded, output channels first.
+
+    For a quantized layer that is the latent weight under the quantizer. ``exclude_layers`` uses the rule of
+    quantizer.exclude_layers: a module is left out when an entry equals its dotted name or matches it as a glob.
+    """
+    kinds = PENALISED_CONVS + (nn.Linear,) if include_linear else PENALISED_CONVS
+    for name, module in model.named_modules():
+        if not isinstance(module, kinds) or any(name == p or fnmatch.fnmatchcase(name, p) for p in exclude_layers):
+            continue
+        if parametrize.is_parametrized(module, "weight"):
+            yield module.parametrizations["weight"].original
+        else:
+            yield module.weight
+
+
+@torch.no_grad()
+def _shrink_rows(weight: torch.Tensor, eta: float, smallest: int | None) -> None:
+    """Group soft-thresholding of the rows (output channels) of ``weight``, in place:
+    w_c ← w_c·max(0, 1 − η·√n / ‖w_c‖₂), n = the row length; only the ``smallest`` rows by norm when given."""
+    rows = weight.view(weight.shape[0], -1)
+    norms = torch.linalg.vector_norm(rows, dim=1)
+    scale = (1.0 - eta * math.sqrt(rows.shape[1]) / norms.clamp_min(torch.finfo(norms.dtype).tiny)).clamp_min_(0.0)
+    if smallest is not None:
+        keep = torch.ones_like(scale)
+        chosen = norms.topk(smallest, largest=False).indices
+        scale = keep.index_copy_(0, chosen, scale[chosen])
+    rows.mul_(scale.unsqueeze(1))
+
+
+def group_lasso_proximal(include_linear: bool = False, exclude_layers: Iterable[str] | None = None) -> Proximal:
+    """Factory: proximal group lasso on output channels, R = Σ_layers Σ_c √n·‖W[c]‖₂ (n = the row length).
+
+    Its proximal operator is group soft-thresholding, w_c ← w_c·max(0, 1 − η√n/‖w_c‖₂): filters whose norm is
+    below η√n become exactly zero (the √n makes η comparable across layers: an Adam step moves a row by ≈ lr·√n).
+    """
+    _check_include_linear(include_linear)
+    exclude = _check_exclude_layers(exclude_layers)
+
+    def step(model: nn.Module, eta: float) -> None:
+        for weight in _latent_weights(model, include_linear, exclude):
+            _shrink_rows(weight, eta, None)
+
+    return Proximal(step)
+
+
+def trimmed_group_lasso(
+    dead_fraction: float = 0.5, include_linear: bool = False, exclude_layers: Iterable[str] | None = None
+) -> Proximal:
+    """Factory: proximal trimmed group lasso, R = Σ_layers Σ_{the k smallest c} √n·‖W[c]‖₂, k = round(f·c_out).
+
+    Only each layer's k smallest filters are penalised, so R = 0 exactly when a fraction ``dead_fraction`` of
+    every layer's output channels is zero: the regulariser is a channel target, not an ever-growing pressure,
+    and the kept filters train unpenalised. The step soft-thresholds the current k smallest rows (by ‖·‖₂);
+    a zeroed row gets no gradient through the quantizer (its STE passes sign(w)² = 0), so it stays among them.
+    """
+    fraction = _check_fraction(dead_fraction)
+    _check_include_linear(include_linear)
+    exclude = _check_exclude_layers(exclude_layers)
+
+    def step(model: nn.Module, eta: float) -> None:
+        for weight in _latent_weights(model, include_linear, exclude):
+            smallest = round(fraction * weight.shape[0])
+            if smallest:
+                _shrink_rows(weight, eta, smallest)
+
+    return Proximal(step)
