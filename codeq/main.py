@@ -121,7 +121,10 @@ def sparsity_layer_of(model: nn.Module, requested: str | None) -> str:
 
 
 def sparsity_of(cfg: DictConfig) -> tuple[Any, float]:
-    """(loss fn or None, λ). λ = 0 means no sparsity term at all: nothing is computed for it."""
+    """(the sparsity option — a loss or a ``codeq.sparsity.Proximal`` step — or None, λ).
+
+    λ = 0 means no sparsity term at all: nothing is computed for it.
+    """
     weight = cfg.sparsity.get("weight", 0.0)
     if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not 0 <= weight < float("inf"):
         raise ConfigError(f"sparsity.weight must be a finite number >= 0, got {weight!r}")
@@ -210,7 +213,8 @@ def build_logger(cfg: DictConfig, run_dir: Path, hydra_cfg: DictConfig, run_id: 
 
 
 def final_table(summary: dict[str, Any], run_dir: Path) -> str:
-    """The end-of-run table: accuracy, sparsity, bits, structured/unstructured ratio and Rel. BOPs %, files."""
+    """The end-of-run table: accuracy, sparsity, bits, structured/unstructured ratio and Rel. BOPs %, the dead
+    channels of every layer, files."""
     final = summary["final"]
     figures = sorted(p.name for p in run_dir.glob("*.png"))
     lines = [
@@ -225,6 +229,17 @@ def final_table(summary: dict[str, Any], run_dir: Path) -> str:
         ratio = final[f"compression/{kind}_bops_ratio"]
         pct = final[f"compression/{kind}_rel_bops_pct"]
         lines.append(f"  {kind:<21}{ratio:>8.2f}x  {pct:>10.3f}")
+    dead = {
+        key.removeprefix("layers/").removesuffix("/dead_channels"): count
+        for key, count in final.items()
+        if key.startswith("layers/") and key.endswith("/dead_channels")
+    }
+    if dead:
+        lines.append(
+            f"  dead channels          {sum(dead.values())} (per layer: dead / channels, see channel_liveness.png)"
+        )
+        cells = [f"{name:<18}{count:>4} /{final[f'layers/{name}/channels']:>4}" for name, count in dead.items()]
+        lines += ["    " + "    ".join(cells[i : i + 4]) for i in range(0, len(cells), 4)]
     lines.append(f"Files:   {run_dir}/ (metrics.jsonl, summary.json, last.pt, main.log)")
     lines.append(f"Figures: {', '.join(figures) if figures else 'none'}")
     return "\n".join(lines)

@@ -58,7 +58,8 @@ def plot_channel_liveness(source: EvalResult | ModelStats) -> Figure:
     ax = fig.subplots()
     ax.imshow(grid, cmap="gray", interpolation="nearest", vmin=0, vmax=1, aspect="auto")
     ax.set_yticks(range(len(layers)))
-    ax.set_yticklabels([layer.name for layer in layers], fontsize=7)
+    labels = [f"{layer.name} ({layer.null_out.count}/{layer.null_out.total} dead)" for layer in layers]
+    ax.set_yticklabels(labels, fontsize=7)
     ax.set_xlabel("Output channel")
     ax.set_title("Channel liveness (white = live, black = null, gray = padding)")
     fig.tight_layout()

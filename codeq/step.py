@@ -8,7 +8,7 @@ reads the weights again): stacked per weight shape in eager mode, by torch.compi
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 
 import torch
 import torch.nn.functional as F
@@ -16,14 +16,23 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from codeq.quant import StackedFakeQuant
+from codeq.sparsity import Proximal, SparsityLoss
 
 Batch = tuple[torch.Tensor, torch.Tensor]
+
+
+def weights_lr(optimizer: torch.optim.Optimizer) -> float:
+    """The current learning rate of the group named "weights" (else the first group): a proximal step's lr."""
+    groups = optimizer.param_groups
+    return next((g["lr"] for g in groups if g.get("name") == "weights"), groups[0]["lr"])
 
 
 class TrainingStep:
     """One optimizer step on a batch, and the quantized test pass, for ``model`` under ``optimizer``.
 
-    ``sparsity_fn`` None means no sparsity term at all (nothing is computed for it). ``compile`` runs the
+    ``sparsity_fn`` is the sparsity option: a loss (added as strength·loss), a ``codeq.sparsity.Proximal`` step (run
+    after the optimizer step with η = strength·lr, lr of the weights' group), or None: no sparsity term at all
+    (nothing is computed for it). ``compile`` runs the
     model through torch.compile; ``precision`` "bf16" autocasts; ``channels_last`` re-lays the inputs.
     """
 
@@ -31,7 +40,7 @@ class TrainingStep:
         self,
         model: nn.Module,
         optimizer: torch.optim.Optimizer,
-        sparsity_fn: Callable[[nn.Module], torch.Tensor] | None = None,
+        sparsity_fn: SparsityLoss | Proximal | None = None,
         *,
         compile: bool = False,
         precision: str = "fp32",
@@ -39,7 +48,8 @@ class TrainingStep:
     ):
         self.model = model
         self.optimizer = optimizer
-        self.sparsity_fn = sparsity_fn
+        self.sparsity_fn = None if isinstance(sparsity_fn, Proximal) else sparsity_fn
+        self.proximal = sparsity_fn if isinstance(sparsity_fn, Proximal) else None
         self.forward = torch.compile(model) if compile else model
         # each step's quantized weights, computed once; eager stacks like layers, torch.compile fuses them itself
         self.quantized_weights = parametrize.cached if compile else StackedFakeQuant(model).cached
@@ -62,6 +72,8 @@ class TrainingStep:
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         self.optimizer.step()
+        if self.proximal is not None:
+            self.proximal.step(self.model, strength * weights_lr(self.optimizer))
         correct = (logits.argmax(1) == y).sum()
         return torch.stack((loss.detach().float(), ce.detach().float(), sparsity.detach().float(), correct.float()))
 

@@ -23,6 +23,7 @@ from codeq.errors import ConfigError
 from codeq.loggers import Logger
 from codeq.resume import EpochProgress, StopSignals, restore_training_state, training_state
 from codeq.rundir import RunFiles
+from codeq.sparsity import Proximal, SparsityLoss
 from codeq.step import TrainingStep
 
 log = logging.getLogger(__name__)
@@ -60,7 +61,7 @@ class TrainingDiverged(RuntimeError):
 class Trainer:
     """Runs epochs ``start_epoch .. epochs-1`` of loss = CE + λ·schedule(e, E)·sparsity(model).
 
-    ``sparsity_fn`` None means no sparsity term at all (nothing is computed for it).
+    ``sparsity_fn``: a loss, a ``codeq.sparsity.Proximal`` step or None (see ``codeq.step.TrainingStep``).
     ``figure_fn(model, eval_result)`` returns {name: Figure}; RunFiles writes them as PNGs.
     The logger is given to ``fit``, so a checkpoint can be restored before a W&B run is opened.
     """
@@ -75,7 +76,7 @@ class Trainer:
         lr_scheduler: torch.optim.lr_scheduler.LRScheduler,
         evaluator: Any,
         schedule: Callable[[int, int], float],
-        sparsity_fn: Callable[[nn.Module], torch.Tensor] | None,
+        sparsity_fn: SparsityLoss | Proximal | None,
         sparsity_weight: float,
         figure_fn: Callable[[nn.Module, Any], dict[str, Figure]],
         files: RunFiles,

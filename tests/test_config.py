@@ -12,6 +12,7 @@ from codeq.errors import ConfigError
 from codeq.loggers import CsvLogger, NullLogger, WandbLogger
 from codeq.main import attach_quantizers, instantiate_group, sparsity_layer_of, sparsity_of
 from codeq.quant import DeadZoneLDZCompander, UniformSymmetric, quantized_layers
+from codeq.sparsity import Proximal
 from codeq.trainer import TrainerConfig
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
@@ -141,6 +142,10 @@ def test_every_sparsity_loss(sparsity):
         return
     assert weight == cfg.sparsity.weight > 0
     model = instantiate_group(cfg, "model")
+    if isinstance(fn, Proximal):  # a step after the optimizer's: a large η zeroes filters of the block convs
+        fn.step(model, 1.0)
+        assert (model.layer1[0].conv1.weight.flatten(1) == 0).all(dim=1).any()
+        return
     value = fn(model)
     assert value.ndim == 0 and value.item() > 0
 

@@ -423,12 +423,14 @@ def _instantiate(name, *overrides):
     return weight, instantiate(cfg)
 
 
-def test_sparsity_group_has_exactly_the_four_losses():
+def test_sparsity_group_has_exactly_the_four_losses_and_two_proximal_steps():
     assert sorted(p.stem for p in SPARSITY_CONF.glob("*.yaml")) == [
         "group_lasso",
         "group_lasso_blocks",
+        "group_lasso_proximal",
         "l1_kernel",
         "none",
+        "trimmed_group_lasso",
     ]
 
 

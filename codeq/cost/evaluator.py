@@ -40,7 +40,8 @@ class EvalResult:
     unstructured_total_rel_bops_pct: float
 
     def as_metrics(self) -> dict[str, float]:
-        """Flat scalars for logging: compression/*, sparsity/unstructured, bits/mean, layers/<name>/*."""
+        """Flat scalars for logging: compression/*, sparsity/unstructured, bits/mean, layers/<name>/* (bits, pruning
+        ratios, dead output channels and channels)."""
         metrics = {
             "compression/structured_bops_ratio": self.structured_bops_ratio,
             "compression/structured_mac_ratio": self.structured_mac_ratio,
@@ -58,6 +59,8 @@ class EvalResult:
             metrics[f"layers/{layer.name}/bitwidth"] = layer.bitwidth
             metrics[f"layers/{layer.name}/structured_pruning"] = layer.pruning_ratio
             metrics[f"layers/{layer.name}/unstructured_pruning"] = unstructured[layer.name].pruning_ratio
+            metrics[f"layers/{layer.name}/dead_channels"] = float(layer.null_out.count)
+            metrics[f"layers/{layer.name}/channels"] = float(layer.null_out.total)
         return metrics
 
 
