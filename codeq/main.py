@@ -236,9 +236,9 @@ def final_table(summary: dict[str, Any], run_dir: Path) -> str:
     }
     if dead:
         lines.append(
-            f"  dead channels          {sum(dead.values())} (per layer: dead / channels, see channel_liveness.png)"
+            f"  dead channels          {sum(dead.values()):.0f} (per layer: dead / channels, see channel_liveness.png)"
         )
-        cells = [f"{name:<18}{count:>4} /{final[f'layers/{name}/channels']:>4}" for name, count in dead.items()]
+        cells = [f"{name:<18}{count:>4.0f} /{final[f'layers/{name}/channels']:>4.0f}" for name, count in dead.items()]
         lines += ["    " + "    ".join(cells[i : i + 4]) for i in range(0, len(cells), 4)]
     lines.append(f"Files:   {run_dir}/ (metrics.jsonl, summary.json, last.pt, main.log)")
     lines.append(f"Figures: {', '.join(figures) if figures else 'none'}")

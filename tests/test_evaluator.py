@@ -146,6 +146,10 @@ def test_as_metrics_keys_and_values():
             "layers/conv2/bitwidth": 4.0,
             "layers/conv2/structured_pruning": 1 - 2016 / 4608,
             "layers/conv2/unstructured_pruning": 36 / 288,
+            "layers/conv1/dead_channels": 2.0,  # filters 2, 3
+            "layers/conv1/channels": 4.0,
+            "layers/conv2/dead_channels": 1.0,  # filter 7
+            "layers/conv2/channels": 8.0,
         }
     )
     assert all(isinstance(v, float) for v in metrics.values())

@@ -38,6 +38,6 @@ def test_paper_structured_preset_runs_one_tiny_epoch_and_kills_half_of_every_qua
     assert final["layers/conv1/dead_channels"] == 0
     assert final["compression/structured_mac_ratio"] > 2.5
     table = capsys.readouterr().out
-    dead = sum(final[f"layers/{layer}/dead_channels"] for layer in QUANTIZED)
+    dead = round(sum(final[f"layers/{layer}/dead_channels"] for layer in QUANTIZED))
     assert f"dead channels          {dead} (per layer" in table
     assert re.search(r"layer3\.2\.conv2 +32 / +64", table) and re.search(r"conv1 +0 / +16", table)

@@ -19,6 +19,7 @@ from codeq.optim import adamw
 from codeq.quant import DeadZoneLDZCompander, attach_weight_quantizers
 from codeq.resume import TrainingInterrupted
 from codeq.rundir import RunFiles, read_metrics
+from codeq.sparsity import Proximal
 from codeq.trainer import Trainer, TrainerConfig, TrainingDiverged
 
 CPU = torch.device("cpu")
@@ -147,6 +148,27 @@ def test_loss_is_ce_plus_weight_times_schedule_times_sparsity(tmp_path):
         assert row["train/loss"] == pytest.approx(
             row["train/ce_loss"] + 0.1 * coeff * row["train/sparsity_loss"], rel=1e-6
         )
+
+
+def test_a_proximal_option_runs_after_every_optimizer_step_with_eta_weight_times_schedule_times_lr(tmp_path):
+    """η = λ·c(e)·lr: λ = 0.1, c = [0.0, 0.5, 1.0], the cosine LR of 1e-2 over 3 epochs; the loss is plain CE."""
+    coefficients = [0.0, 0.5, 1.0]
+    calls = []
+
+    def record(model, eta):
+        calls.append((eta, all(p.grad is not None for p in model.parameters() if p.requires_grad)))
+
+    trainer = make_trainer(
+        tmp_path, epochs=3, sparsity_fn=Proximal(record), weight=0.1, schedule=lambda epoch, total: coefficients[epoch]
+    )
+    trainer.fit(logger(tmp_path))
+    steps = len(list(TinyData().train_batches(0)))
+    lrs = [1e-2 * (1 + math.cos(math.pi * epoch / 3)) / 2 for epoch in range(3)]
+    expected = [0.1 * coeff * lr for coeff, lr in zip(coefficients, lrs) for _ in range(steps)]
+    assert [eta for eta, _ in calls] == pytest.approx(expected, rel=1e-9)
+    assert all(after_backward for _, after_backward in calls)
+    rows = read_metrics(tmp_path / "metrics.jsonl")
+    assert all(row["train/sparsity_loss"] == 0 and row["train/loss"] == row["train/ce_loss"] for row in rows)
 
 
 def test_without_a_sparsity_fn_the_term_is_zero(tmp_path):
