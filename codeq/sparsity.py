@@ -30,6 +30,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from codeq.errors import ConfigError
+from codeq.models import first_and_last_layers
 
 SparsityLoss = Callable[[nn.Module], torch.Tensor]
 
@@ -154,23 +155,29 @@ def _check_fraction(dead_fraction: object) -> float:
     return float(dead_fraction)
 
 
-def _check_exclude_layers(exclude_layers: object) -> list[str]:
+def _check_exclude_layers(exclude_layers: object) -> list[str] | str:
     if exclude_layers is None:
         return []
+    if exclude_layers == "auto":
+        return "auto"
     if isinstance(exclude_layers, str) or not all(isinstance(name, str) for name in exclude_layers):
-        raise ConfigError(f"sparsity.exclude_layers must be a list of module names or globs, got {exclude_layers!r}")
+        raise ConfigError(
+            f"sparsity.exclude_layers must be auto or a list of module names or globs, got {exclude_layers!r}"
+        )
     return list(exclude_layers)
 
 
-def _latent_weights(model: nn.Module, include_linear: bool, exclude_layers: list[str]) -> Iterator[torch.Tensor]:
+def _latent_weights(model: nn.Module, include_linear: bool, exclude_layers: list[str] | str) -> Iterator[torch.Tensor]:
     """The trained weight parameter of every Conv (and Linear when asked) not excluded, output channels first.
 
-    For a quantized layer that is the latent weight under the quantizer. ``exclude_layers`` uses the rule of
-    quantizer.exclude_layers: a module is left out when an entry equals its dotted name or matches it as a glob.
+    For a quantized layer that is the latent weight under the quantizer. ``exclude_layers`` follows
+    quantizer.exclude_layers: ``auto`` = the model's first and last Conv/Linear (stem and classifier), else a
+    module is left out when an entry equals its dotted name or matches it as a glob.
     """
+    patterns = first_and_last_layers(model) if exclude_layers == "auto" else exclude_layers
     kinds = PENALISED_CONVS + (nn.Linear,) if include_linear else PENALISED_CONVS
     for name, module in model.named_modules():
-        if not isinstance(module, kinds) or any(name == p or fnmatch.fnmatchcase(name, p) for p in exclude_layers):
+        if not isinstance(module, kinds) or any(name == p or fnmatch.fnmatchcase(name, p) for p in patterns):
             continue
         if parametrize.is_parametrized(module, "weight"):
             yield module.parametrizations["weight"].original

@@ -74,6 +74,7 @@ def test_exclude_layers_and_include_linear_choose_the_layers():
         (True, [], {"conv", "head"}),
         (True, ["h*"], {"conv"}),
         (True, ["conv", "head"], set()),
+        (True, "auto", set()),  # the first and the last layer
     ]:
         model = ConvLinear()
         before = {name: m.weight.detach().clone() for name, m in model.named_children()}
@@ -88,7 +89,7 @@ def test_on_a_quantized_model_the_latent_filters_die_and_the_cost_analysis_count
     model = resnet20(in_channels=1)
     evaluator = Evaluator(model, input_size=(1, 28, 28))
     attach_weight_quantizers(model, ["conv1", "linear"], DeadZoneLDZCompander)
-    step = trimmed_group_lasso(dead_fraction=0.5, exclude_layers=["conv1", "linear"]).step
+    step = trimmed_group_lasso(dead_fraction=0.5, exclude_layers="auto").step  # auto: not the stem (conv1)
     for _ in range(20):
         step(model, 0.1)
     result = evaluator.evaluate(model)
