@@ -6,6 +6,8 @@ import re
 from test_cli import QUANTIZED, TINY, run_in_process
 from test_config import make_cfg
 
+from codeq.main import sparsity_of
+
 
 def test_quickstart_structured_is_the_quickstart_with_the_channel_target():
     quickstart, structured = make_cfg("experiment=quickstart"), make_cfg("experiment=quickstart_structured")
@@ -41,3 +43,10 @@ def test_paper_structured_preset_runs_one_tiny_epoch_and_kills_half_of_every_qua
     dead = round(sum(final[f"layers/{layer}/dead_channels"] for layer in QUANTIZED))
     assert f"dead channels          {dead} (per layer" in table
     assert re.search(r"layer3\.2\.conv2 +32 / +64", table) and re.search(r"conv1 +0 / +16", table)
+
+
+def test_another_sparsity_option_replaces_the_presets_channel_target():
+    cfg = make_cfg("experiment=quickstart_structured", "sparsity=group_lasso_proximal")
+    assert cfg.sparsity._target_ == "codeq.sparsity.group_lasso_proximal" and "dead_fraction" not in cfg.sparsity
+    _, weight = sparsity_of(cfg)
+    assert weight == cfg.sparsity.weight
