@@ -48,6 +48,14 @@ METRIC_COLUMNS = (
     ("unstructured_bops_ratio", "unstruct ratio", "{:.1f}x"),
 )
 
+# Shown when some run dir has export/export.json (written by `python -m codeq.export RUN_DIR`).
+EXPORT_COLUMNS = (
+    ("measured_macs", "measured MACs", "{:,.0f}"),
+    ("packed_kb", "packed KB", "{:.1f}"),
+    ("measured_speedup", "ORT speed-up", "{:.2f}x"),
+)
+EXPORT_FILE = Path("export") / "export.json"
+
 
 class RunReadError(Exception):
     """A run dir whose files cannot be parsed; the report names it in one line and goes on."""
@@ -66,6 +74,7 @@ class Run:
     best_accuracy: float | None = None
     error: str | None = None
     override_list: list[str] = field(default_factory=list)
+    export: dict = field(default_factory=dict)
 
     def metric(self, key: str) -> float | None:
         """The final epoch's value of `key` as a float, or None when absent or not a number."""
@@ -93,6 +102,19 @@ class Run:
             "structured_bops_ratio": self.metric("compression/structured_bops_ratio"),
             "unstructured_rel_bops_pct": self.rel_bops_pct("unstructured"),
             "unstructured_bops_ratio": self.metric("compression/unstructured_bops_ratio"),
+            **self.export_values(),
+        }
+
+    def export_values(self) -> dict[str, float | None]:
+        """From export.json (None without one): the slimmed model's flop-counted MACs, its packed size, and its
+        onnxruntime CPU speed-up over the dense model at the largest batch measured."""
+        rows = [r for r in self.export.get("latency", {}).get("rows", []) if r.get("engine") == "onnxruntime"]
+        largest = max(rows, key=lambda r: r.get("batch", 0), default={})
+        packed = _finite(self.export.get("sizes", {}).get("packed_bytes"))
+        return {
+            "measured_macs": _finite(self.export.get("macs", {}).get("slimmed_measured")),
+            "packed_kb": None if packed is None else packed / 1024,
+            "measured_speedup": _finite(largest.get("speedup")),
         }
 
 
@@ -217,6 +239,7 @@ def load_run(run_dir: Path) -> Run:
         best_accuracy=max(accuracies) if accuracies else None,
         error=None if error is None else str(error),
         override_list=override_list,
+        export=_read_json(run_dir / EXPORT_FILE) or {},
     )
 
 
@@ -372,6 +395,11 @@ class Report:
         return cls(runs, names, differing_override_keys([r.overrides for r in runs]), rows, tuple(paper))
 
     @property
+    def columns(self) -> tuple:
+        """The metric columns: the export columns too when some run was exported."""
+        return METRIC_COLUMNS + (EXPORT_COLUMNS if any(run.export for run in self.runs) else ())
+
+    @property
     def grouped(self) -> bool:
         """Whether some row holds several seeds: the table then has an `n` column and stds."""
         return any(len(row.runs) > 1 for row in self.rows)
@@ -401,7 +429,7 @@ class Report:
 
     def csv_columns(self) -> list[str]:
         metric_columns = []
-        for column, _header, _fmt in METRIC_COLUMNS:
+        for column, _header, _fmt in self.columns:
             metric_columns.extend([column, f"{column}_std"] if self.grouped else [column])
         n = ["n"] if self.grouped else []
         return [
@@ -423,7 +451,8 @@ class Report:
             line = {"run": row.name, **{k: row.overrides.get(k, "") for k in self.keys}}
             if self.grouped:
                 line["n"] = len(row.runs)
-            for column, stat in row.stats.items():
+            for column, _header, _fmt in self.columns:
+                stat = row.stats[column]
                 line[column] = "" if stat.mean is None else stat.mean
                 if self.grouped:
                     line[f"{column}_std"] = "" if stat.std is None else stat.std
@@ -445,7 +474,7 @@ class Report:
     def table(self) -> tuple[list[str], list[list[str]]]:
         """Header and formatted cells of the human-readable table (rows, then the paper's results)."""
         n = ["n"] if self.grouped else []
-        header = ["run", *self.keys, *n, *(h for _c, h, _f in METRIC_COLUMNS), "epochs", "status", "front"]
+        header = ["run", *self.keys, *n, *(h for _c, h, _f in self.columns), "epochs", "status", "front"]
         cells = []
         for row, front in zip(self.rows, self.front_marks()):
             count = [str(len(row.runs))] if self.grouped else []
@@ -454,7 +483,7 @@ class Report:
                     row.name,
                     *(row.overrides.get(k, "-") for k in self.keys),
                     *count,
-                    *(_format_stat(row.stats[column], fmt, len(row.runs)) for column, _h, fmt in METRIC_COLUMNS),
+                    *(_format_stat(row.stats[column], fmt, len(row.runs)) for column, _h, fmt in self.columns),
                     row.epochs(),
                     row.status(),
                     front,
@@ -468,7 +497,7 @@ class Report:
                     f"paper: {result.label}",
                     *("-" for _k in self.keys),
                     *count,
-                    *(_format(values.get(column), fmt) for column, _h, fmt in METRIC_COLUMNS),
+                    *(_format(values.get(column), fmt) for column, _h, fmt in self.columns),
                     "-",
                     "paper",
                     "-",

@@ -138,13 +138,16 @@ def test_as_metrics_keys_and_values():
             # no attention: counting the activation matmuls too changes nothing
             "compression/structured_total_rel_bops_pct": result.structured_rel_bops_pct,
             "compression/unstructured_total_rel_bops_pct": result.unstructured_rel_bops_pct,
+            "compression/structured_macs": 2880.0,
             "sparsity/unstructured": 90 / 396,
             "bits/mean": 4.0,
             "layers/conv1/bitwidth": 32.0,
             "layers/conv1/structured_pruning": 1 - 864 / 1728,
+            "layers/conv1/structured_macs": 864.0,
             "layers/conv1/unstructured_pruning": 54 / 108,
             "layers/conv2/bitwidth": 4.0,
             "layers/conv2/structured_pruning": 1 - 2016 / 4608,
+            "layers/conv2/structured_macs": 2016.0,
             "layers/conv2/unstructured_pruning": 36 / 288,
             "layers/conv1/dead_channels": 2.0,  # filters 2, 3
             "layers/conv1/channels": 4.0,

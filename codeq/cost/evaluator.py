@@ -49,6 +49,7 @@ class EvalResult:
             "compression/unstructured_mac_ratio": self.unstructured_mac_ratio,
             "compression/structured_rel_bops_pct": self.structured_rel_bops_pct,
             "compression/unstructured_rel_bops_pct": self.unstructured_rel_bops_pct,
+            "compression/structured_macs": float(self.structured_stats.total_macs),
             "sparsity/unstructured": self.unstructured_sparsity,
             "bits/mean": self.mean_bits,
             "compression/structured_total_rel_bops_pct": self.structured_total_rel_bops_pct,
@@ -58,6 +59,7 @@ class EvalResult:
         for layer in self.structured_stats.layers:
             metrics[f"layers/{layer.name}/bitwidth"] = layer.bitwidth
             metrics[f"layers/{layer.name}/structured_pruning"] = layer.pruning_ratio
+            metrics[f"layers/{layer.name}/structured_macs"] = float(layer.macs)
             metrics[f"layers/{layer.name}/unstructured_pruning"] = unstructured[layer.name].pruning_ratio
             metrics[f"layers/{layer.name}/dead_channels"] = float(layer.null_out.count)
             metrics[f"layers/{layer.name}/channels"] = float(layer.null_out.total)

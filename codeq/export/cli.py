@@ -19,8 +19,9 @@ import shutil
 import sys
 import tempfile
 import warnings
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 import onnx
@@ -45,7 +46,6 @@ from codeq.export.measure import (
 from codeq.export.packing import PackingError, pack_state_dict, packed_sizes, quantizer_grid, unpack_state_dict
 from codeq.export.slim import SlimResult, bake_quantized, flat_name, slim_model
 from codeq.quant import quantized_layers
-from codeq.quant.parametrize import QUANTIZABLE
 from codeq.rundir import METRICS_FILE, read_metrics
 
 EXPORT_DIR = "export"
@@ -74,7 +74,9 @@ def load_run(run_dir: Path, checkpoint: str) -> tuple[DictConfig, nn.Module, dic
         raise ConfigError(f"{config_path} not found: {run_dir} is not a codeq run dir")
     try:
         cfg = OmegaConf.load(config_path)
-        missing = [key for key in ("model._target_", "dataset.input_size", "quantizer") if OmegaConf.select(cfg, key) is None]
+        missing = [
+            key for key in ("model._target_", "dataset.input_size", "quantizer") if OmegaConf.select(cfg, key) is None
+        ]
         if missing:
             raise ConfigError(f"{config_path} is not a config of this codeq version (no {', '.join(missing)})")
         input_size = tuple(int(v) for v in OmegaConf.to_container(cfg.dataset.input_size, resolve=True))
@@ -112,7 +114,7 @@ def load_run(run_dir: Path, checkpoint: str) -> tuple[DictConfig, nn.Module, dic
 def plain_source(model: torch.fx.GraphModule) -> str:
     """The slimmed model as a Python file that needs only torch: its layers, buffers and forward."""
     lines = [
-        '"""The slimmed model written by codeq.export; needs only torch. ``load("state_dict.pt")`` gives it in eval mode."""',
+        '"""The slimmed model written by codeq.export; needs only torch. load("state_dict.pt") -> eval-mode model."""',
         "import operator  # noqa: F401",
         "",
         "import torch",
@@ -126,7 +128,9 @@ def plain_source(model: torch.fx.GraphModule) -> str:
     for name, module in model.named_children():
         lines.append(f"        self.{name} = nn.{module!r}")
     for name, buffer in model.named_buffers(recurse=False):
-        lines.append(f"        self.register_buffer({name!r}, torch.zeros({tuple(buffer.shape)}, dtype={buffer.dtype}))")
+        lines.append(
+            f"        self.register_buffer({name!r}, torch.zeros({tuple(buffer.shape)}, dtype={buffer.dtype}))"
+        )
     lines += ["    " + line if line.strip() else "" for line in model.code.strip("\n").splitlines()]
     lines += [
         "",
@@ -151,9 +155,15 @@ def _onnx_bytes(model: nn.Module, example: torch.Tensor) -> bytes:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the TorchScript exporter's deprecation notice
         torch.onnx.export(
-            model, (example,), buffer, dynamo=False, opset_version=onnx_opset(), input_names=["input"],
-            output_names=["logits"], dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}},
-        )  # fmt: skip
+            model,
+            (example,),
+            buffer,
+            dynamo=False,
+            opset_version=onnx_opset(),
+            input_names=["input"],
+            output_names=["logits"],
+            dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}},
+        )
     data = buffer.getvalue()
     onnx.checker.check_model(onnx.load_from_string(data))
     return data
@@ -201,8 +211,10 @@ def export_model(
     outputs["onnxruntime"] = output_difference(reference, slim_session.run(None, {"input": x.numpy()})[0])
     failed = {engine: diff for engine, diff in outputs.items() if not diff <= TOLERANCE}
     if failed:
-        raise ParityError("output parity failed: " + ", ".join(f"{e} differs by {d:.2e} (tolerance {TOLERANCE:g})"
-                                                               for e, d in failed.items()))  # fmt: skip
+        raise ParityError(
+            "output parity failed: "
+            + ", ".join(f"{e} differs by {d:.2e} (tolerance {TOLERANCE:g})" for e, d in failed.items())
+        )
 
     dense_macs = layer_macs(dense, input_size, {name: name for name in names})
     slim_macs = layer_macs(slim.model, input_size, names)
@@ -224,24 +236,31 @@ def export_model(
     return {
         "epoch": row["epoch"],
         "input_size": list(input_size),
-        "surgery": {"method": "codeq fx liveness (codeq.metrics), constants folded", "layers": {
-            name: {**channels, "module": names[name]} for name, channels in slim.layer_channels.items()
-        }, "bias_maps": slim.bias_maps},  # fmt: skip
+        "surgery": {
+            "method": "codeq fx liveness (codeq.cost.liveness), constants folded",
+            "layers": {name: {**channels, "module": names[name]} for name, channels in slim.layer_channels.items()},
+            "bias_maps": slim.bias_maps,
+        },
         "outputs": {"tolerance": TOLERANCE, "batch": PARITY_BATCH, "max_relative_difference": outputs},
         "macs": {
-            "dense": total_dense, "slimmed_measured": total_slim, "reported_structured": sum(reported.values()),
+            "dense": total_dense,
+            "slimmed_measured": total_slim,
+            "reported_structured": sum(reported.values()),
             "measured_ratio": total_dense / total_slim if total_slim else None,
             "reported_structured_mac_ratio": row.get("compression/structured_mac_ratio"),
             "reported_structured_bops_ratio": row.get("compression/structured_bops_ratio"),
             "reported_structured_rel_bops_pct": row.get("compression/structured_rel_bops_pct"),
-            "counter": "torch.utils.flop_counter, batch 1, MACs = FLOPs / 2", "layers": slim_macs,
-        },  # fmt: skip
+            "counter": "torch.utils.flop_counter, batch 1, MACs = FLOPs / 2",
+            "layers": slim_macs,
+        },
         "sizes": {
-            "dense_fp32_bytes": _state_bytes(dense), "slimmed_fp32_bytes": _state_bytes(slim.model),
+            "dense_fp32_bytes": _state_bytes(dense),
+            "slimmed_fp32_bytes": _state_bytes(slim.model),
             "packed_bytes": sizes["packed_layers_bytes"] + sizes["plain_tensors_bytes"],
-            "quantized_layers_dense_fp32_bytes": dense_layer_bytes, **sizes,
+            "quantized_layers_dense_fp32_bytes": dense_layer_bytes,
+            **sizes,
             "packed_file_bytes": (out / "packed.pt").stat().st_size,
-        },  # fmt: skip
+        },
         "latency": latency,
         "onnx": {"opset": onnx_opset(), "onnxruntime": onnxruntime.__version__},
         "files": sorted(p.name for p in out.iterdir()) + [EXPORT_FILE],
@@ -271,10 +290,22 @@ def _latency(dense: nn.Module, slim: nn.Module, input_size: tuple[int, ...], rep
     for engine, device, batch, kind in variants:
         if kind == "dense":
             d, s = medians[(engine, device, batch, "dense")], medians[(engine, device, batch, "slimmed")]
-            rows.append({"engine": engine, "device": device, "batch": batch, "dense_ms": 1e3 * d, "slimmed_ms": 1e3 * s,
-                         "speedup": speedup(d, s)})  # fmt: skip
-    return {"repeats": repeats, "threads": torch.get_num_threads(), "statistic": "median of alternated rounds",
-            "rows": rows}  # fmt: skip
+            rows.append(
+                {
+                    "engine": engine,
+                    "device": device,
+                    "batch": batch,
+                    "dense_ms": 1e3 * d,
+                    "slimmed_ms": 1e3 * s,
+                    "speedup": speedup(d, s),
+                }
+            )
+    return {
+        "repeats": repeats,
+        "threads": torch.get_num_threads(),
+        "statistic": "median of alternated rounds",
+        "rows": rows,
+    }
 
 
 def _eager_call(model: nn.Module, x: torch.Tensor):
@@ -289,9 +320,15 @@ def _ort_call(session: onnxruntime.InferenceSession, x: np.ndarray):
     return lambda: session.run(None, {"input": x})
 
 
-def export_run(run_dir: Path, checkpoint: str = "last", out: Path | None = None, force: bool = False,
-               repeats: int = 20, batches: Sequence[int] = (1, 64)) -> tuple[Path, dict[str, Any]]:  # fmt: skip
-    """Export a run dir's model into ``out`` (default RUN_DIR/export): all files, or none. Returns (out, export.json)."""
+def export_run(
+    run_dir: Path,
+    checkpoint: str = "last",
+    out: Path | None = None,
+    force: bool = False,
+    repeats: int = 20,
+    batches: Sequence[int] = (1, 64),
+) -> tuple[Path, dict[str, Any]]:
+    """Export a run dir's model into ``out`` (default RUN_DIR/export), all files or none; returns (out, export.json)."""
     run_dir = Path(run_dir)
     out = Path(out) if out is not None else run_dir / EXPORT_DIR
     if not run_dir.is_dir():
@@ -303,8 +340,11 @@ def export_run(run_dir: Path, checkpoint: str = "last", out: Path | None = None,
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
     try:
         result = export_model(model, row.pop("input_size"), row, staging, repeats, batches)
-        result = {"run_dir": str(run_dir), "checkpoint": {"file": CHECKPOINTS[checkpoint], "epoch": state["epoch"]},
-                  **result}  # fmt: skip
+        result = {
+            "run_dir": str(run_dir),
+            "checkpoint": {"file": CHECKPOINTS[checkpoint], "epoch": state["epoch"]},
+            **result,
+        }
         (staging / EXPORT_FILE).write_text(json.dumps(result, indent=2) + "\n")
         if out.exists():
             old = Path(tempfile.mkdtemp(prefix=f".{out.name}-old-", dir=out.parent))
@@ -331,16 +371,19 @@ def summary_table(result: dict[str, Any]) -> str:
         f"packed {sizes['packed_bytes']:,}  (codes in theory {sizes['theoretical_code_bytes']:,})",
     ]
     for r in result["latency"]["rows"]:
-        lines.append(f"  latency   {r['engine']:<11} {r['device']:<4} batch {r['batch']:<3} dense {r['dense_ms']:8.3f} ms"
-                     f"  slimmed {r['slimmed_ms']:8.3f} ms  {r['speedup']:.2f}x")  # fmt: skip
+        lines.append(
+            f"  latency   {r['engine']:<11} {r['device']:<4} batch {r['batch']:<3} dense {r['dense_ms']:8.3f} ms"
+            f"  slimmed {r['slimmed_ms']:8.3f} ms  {r['speedup']:.2f}x"
+        )
     return "\n".join(lines)
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m codeq.export", description=__doc__.split("\n")[0])
     parser.add_argument("run_dir", type=Path, metavar="RUN_DIR")
-    parser.add_argument("--checkpoint", choices=sorted(CHECKPOINTS), default="last",
-                        help="last.pt (default) or best.pt")  # fmt: skip
+    parser.add_argument(
+        "--checkpoint", choices=sorted(CHECKPOINTS), default="last", help="last.pt (default) or best.pt"
+    )
     parser.add_argument("--out", type=Path, default=None, help="output dir (default RUN_DIR/export)")
     parser.add_argument("--force", action="store_true", help="replace an existing output dir")
     parser.add_argument("--repeats", type=int, default=20, help="latency rounds per variant (default 20)")

@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 import statistics
 import time
-from typing import Callable
+from collections.abc import Callable
 
 import numpy as np
 import torch
@@ -56,8 +56,11 @@ def reported_layer_macs(row: dict, dense_macs: dict[str, int]) -> dict[str, int]
 
 def check_mac_parity(measured: dict[str, int], reported: dict[str, int]) -> None:
     """Every layer's measured MACs equal the reported ones, else a ParityError naming the layers that differ."""
-    differing = [f"{name} (measured {measured[name]}, reported {reported[name]})"
-                 for name in reported if measured.get(name) != reported[name]]  # fmt: skip
+    differing = [
+        f"{name} (measured {measured[name]}, reported {reported[name]})"
+        for name in reported
+        if measured.get(name) != reported[name]
+    ]
     if differing:
         raise ParityError("MAC parity failed: " + "; ".join(differing))
 

@@ -88,10 +88,17 @@ def pack_weight(weight: torch.Tensor, grid: Grid) -> dict[str, Any]:
     nonzero = flat != 0
     kind, width, index = _zero_index(nonzero)
     record = {
-        "shape": list(w.shape), "bits": grid.bits, "levels": grid.levels, "step": grid.step.cpu().reshape(()),
-        "shift": grid.shift.cpu().reshape(()), "nnz": int(nonzero.sum()), "index_kind": kind, "index_width": width,
-        "index": torch.from_numpy(index), "codes": torch.from_numpy(_pack_bits(flat[nonzero] + grid.levels, grid.bits)),
-    }  # fmt: skip
+        "shape": list(w.shape),
+        "bits": grid.bits,
+        "levels": grid.levels,
+        "step": grid.step.cpu().reshape(()),
+        "shift": grid.shift.cpu().reshape(()),
+        "nnz": int(nonzero.sum()),
+        "index_kind": kind,
+        "index_width": width,
+        "index": torch.from_numpy(index),
+        "codes": torch.from_numpy(_pack_bits(flat[nonzero] + grid.levels, grid.bits)),
+    }
     if not torch.equal(unpack_weight(record), w):
         raise PackingError(f"packing: the codes do not rebuild the weight exactly (shape {list(w.shape)})")
     return record

@@ -1,6 +1,6 @@
 """Physically slimmed models: every dead channel removed, its input-independent value folded into what follows.
 
-A channel the structured analysis calls null (codeq.metrics' liveness on the fx graph) carries a value that
+A channel the structured analysis calls null (codeq.cost.liveness on the fx graph) carries a value that
 does not depend on the input: zero out of a conv whose filter to every live input is zero, then a constant
 after BatchNorm (its bias) and ReLU, then whatever fixed map the next layers make of it. So the slimmed model
 keeps, at every tensor of the graph, only the live channels, and adds the dead channels' contribution as a
@@ -26,22 +26,57 @@ from torch import nn
 from torch.nn.utils import parametrize
 from torch.utils._pytree import tree_map
 
+from codeq.cost.layers import collect_layer_quant_info
+from codeq.cost.liveness import NullPropagation, _LayerLeafTracer, trace_model
 from codeq.errors import ConfigError
-from codeq.metrics import _LayerLeafTracer, _NullPropagation, _trace_model, collect_layer_quant_info
 
 LAYERS = (nn.Conv1d, nn.Conv2d, nn.Linear)
 NORMS = (nn.BatchNorm1d, nn.BatchNorm2d)
 # Modules and functions that act on each channel separately (same channel count in and out).
 CHANNELWISE_MODULES = (
-    nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.ELU, nn.GELU, nn.SiLU, nn.Hardswish, nn.Hardtanh, nn.Sigmoid, nn.Tanh,
-    nn.Identity, nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.MaxPool1d, nn.MaxPool2d, nn.AvgPool1d, nn.AvgPool2d,
-    nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d,
-)  # fmt: skip
+    nn.ReLU,
+    nn.ReLU6,
+    nn.LeakyReLU,
+    nn.ELU,
+    nn.GELU,
+    nn.SiLU,
+    nn.Hardswish,
+    nn.Hardtanh,
+    nn.Sigmoid,
+    nn.Tanh,
+    nn.Identity,
+    nn.Dropout,
+    nn.Dropout1d,
+    nn.Dropout2d,
+    nn.MaxPool1d,
+    nn.MaxPool2d,
+    nn.AvgPool1d,
+    nn.AvgPool2d,
+    nn.AdaptiveAvgPool1d,
+    nn.AdaptiveAvgPool2d,
+    nn.AdaptiveMaxPool2d,
+)
 CHANNELWISE_FUNCTIONS = {
-    F.relu, F.relu6, F.leaky_relu, F.elu, F.gelu, F.silu, F.hardswish, F.hardtanh, torch.relu, torch.sigmoid,
-    torch.tanh, F.dropout, F.max_pool1d, F.max_pool2d, F.avg_pool1d, F.avg_pool2d, F.adaptive_avg_pool1d,
-    F.adaptive_avg_pool2d, F.adaptive_max_pool2d,
-}  # fmt: skip
+    F.relu,
+    F.relu6,
+    F.leaky_relu,
+    F.elu,
+    F.gelu,
+    F.silu,
+    F.hardswish,
+    F.hardtanh,
+    torch.relu,
+    torch.sigmoid,
+    torch.tanh,
+    F.dropout,
+    F.max_pool1d,
+    F.max_pool2d,
+    F.avg_pool1d,
+    F.avg_pool2d,
+    F.adaptive_avg_pool1d,
+    F.adaptive_avg_pool2d,
+    F.adaptive_max_pool2d,
+}
 CHANNELWISE_METHODS = {"relu", "sigmoid", "tanh", "contiguous"}
 ADDS = {operator.add, operator.iadd, torch.add}
 PADS = {F.pad, torch._C._nn.pad}
@@ -77,8 +112,9 @@ def bake_quantized(model: nn.Module) -> nn.Module:
     baked = copy.deepcopy(model).eval()
     for name, tensors in values.items():
         module = baked.get_submodule(name)
+        plain_class = parametrize.type_before_parametrizations(module)
         del module._modules["parametrizations"]
-        module.__class__ = parametrize.type_before_parametrizations(module)
+        module.__class__ = plain_class
         for tensor, value in tensors.items():
             setattr(module, tensor, nn.Parameter(value))
     for parameter in baked.parameters():
@@ -94,8 +130,8 @@ def _op_name(node: fx.Node, model: nn.Module) -> str:
     return getattr(node.target, "__name__", str(node.target))
 
 
-class _RecordingLiveness(_NullPropagation):
-    """codeq's null-channel propagation, keeping every node's live indicator instead of only the layers'."""
+class _RecordingLiveness(NullPropagation):
+    """codeq.cost's null-channel propagation, keeping every node's live indicator instead of only the layers'."""
 
     def __init__(self, *args: Any):
         super().__init__(*args)
@@ -144,11 +180,13 @@ class _Surgery:
         self.graph_in = _LayerLeafTracer().trace(model)
         self.traced_in = fx.GraphModule(model, self.graph_in)
         infos = collect_layer_quant_info(model)
-        liveness = _RecordingLiveness(model, _trace_model(model, input_size), infos)
+        liveness = _RecordingLiveness(model, trace_model(model, input_size), infos)
         liveness.run()
         self.indicators = liveness.indicators
         # batch of two: a zero image and a random one; a dropped channel must hold the same value for both
-        probe = torch.stack([torch.zeros(input_size), torch.randn(input_size, generator=torch.Generator().manual_seed(0))])
+        probe = torch.stack(
+            [torch.zeros(input_size), torch.randn(input_size, generator=torch.Generator().manual_seed(0))]
+        )
         self.values = _record_values(self.traced_in, probe.to(next(model.parameters()).device))
         self.graph = fx.Graph()
         self.attributes: dict[str, Any] = {}
@@ -220,7 +258,9 @@ class _Surgery:
         kwargs = fx.node.map_arg(node.kwargs, lambda n: self.env[n.name])
         if not isinstance(value, torch.Tensor):
             if any(isinstance(a, _Slim) for a in (*args, *kwargs.values())):
-                raise SurgeryError(f"{_op_name(node, self.model)} ({node.name}): unsupported op (reads a tensor's shape)")
+                raise SurgeryError(
+                    f"{_op_name(node, self.model)} ({node.name}): unsupported op (reads a tensor's shape)"
+                )
             return value
         if node.op == "call_module":
             module = self.model.get_submodule(node.target)
@@ -229,8 +269,12 @@ class _Surgery:
             if isinstance(module, NORMS):
                 return self._norm(node, module, args[0])
             if isinstance(module, CHANNELWISE_MODULES):
-                return self._channelwise(node, args[0], lambda x: self.graph.call_module(flat_name(node.target), (x,)),
-                                         module=copy.deepcopy(module))  # fmt: skip
+                return self._channelwise(
+                    node,
+                    args[0],
+                    lambda x: self.graph.call_module(flat_name(node.target), (x,)),
+                    module=copy.deepcopy(module),
+                )
             if isinstance(module, nn.Flatten):
                 return self._flatten(node, args[0], module.start_dim)
         elif node.op == "call_function":
@@ -264,8 +308,11 @@ class _Surgery:
             raise SurgeryError(f"{type(module).__name__} ({node.target}): a layer called twice is not supported")
         kept = self._kept_of(node)
         self.layer_channels[node.target] = {
-            "in": _in_channels(module), "out": module.weight.shape[0], "in_kept": len(x.kept), "out_kept": len(kept)
-        }  # fmt: skip
+            "in": _in_channels(module),
+            "out": module.weight.shape[0],
+            "in_kept": len(x.kept),
+            "out_kept": len(kept),
+        }
         with torch.no_grad():
             constant = module(x.fixed)[:, kept]  # what the dead inputs and the bias give: input-independent
         if len(kept) and x.node is None:
@@ -383,9 +430,15 @@ def _resized(module: nn.Module, c_in: int, c_out: int) -> nn.Module:
     if isinstance(module, nn.Linear):
         return nn.Linear(c_in, c_out, bias=True)
     return type(module)(
-        c_in, c_out, module.kernel_size, stride=module.stride, padding=module.padding, dilation=module.dilation,
-        bias=True, padding_mode=module.padding_mode,
-    )  # fmt: skip
+        c_in,
+        c_out,
+        module.kernel_size,
+        stride=module.stride,
+        padding=module.padding,
+        dilation=module.dilation,
+        bias=True,
+        padding_mode=module.padding_mode,
+    )
 
 
 def slim_model(model: nn.Module, input_size: tuple[int, ...]) -> SlimResult:
