@@ -32,6 +32,7 @@ from codeq.evaluator import Evaluator
 from codeq.optim import adamw
 from codeq.quant import DeadZoneLDZCompander, StackedFakeQuant, attach_weight_quantizers, quantized_layers
 from codeq.rundir import read_metrics
+from codeq.step import TrainingStep
 
 EXCLUDE = ["conv1", "linear"]
 # each loss with its default strength λ from conf/sparsity/
@@ -188,6 +189,67 @@ def bench_data(repeats: int, size: int, device: torch.device, fashion_root: str 
     return results
 
 
+def write_jpeg_set(root: Path, images: int, classes: int = 10, size: int = 224) -> None:
+    """``images`` smooth random RGB JPEGs of ``size``x``size`` (quality 90) as ``root/{train,val}/<class>/``."""
+    import torch.nn.functional as F
+    from torchvision.io import encode_jpeg
+
+    generator = torch.Generator().manual_seed(0)
+    for i in range(images):
+        folder = root / ("train" if i >= classes else "val") / f"class{i % classes:03d}"
+        folder.mkdir(parents=True, exist_ok=True)
+        grid = torch.rand(1, 3, 8, 8, generator=generator)
+        smooth = F.interpolate(grid, size=(size, size), mode="bicubic", align_corners=False)[0]
+        noise = torch.randn(3, size, size, generator=generator)
+        image = (255 * smooth + 8 * noise).clamp(0, 255).to(torch.uint8)
+        (folder / f"{i}.JPEG").write_bytes(encode_jpeg(image, quality=90).numpy().tobytes())
+
+
+def bench_imagefolder(images: int, workers: int, batch: int, repeats: int, device: torch.device) -> dict:
+    """Images/s of the imagefolder training pipeline (read, decode, RandomResizedCrop 224 + flip, uint8 until the
+    normalisation on ``device``) over a generated set of 224x224 JPEGs; median of ``repeats`` epochs after one."""
+    from codeq.imagefolder import imagefolder
+
+    with tempfile.TemporaryDirectory() as root:
+        write_jpeg_set(Path(root), images)
+        data = imagefolder(root=root, batch_size=batch, num_workers=workers, device=device)
+        rates = []
+        for epoch in range(repeats + 1):
+            _sync(device)
+            start = time.perf_counter()
+            n = sum(x.shape[0] for x, _ in data.train_batches(epoch))
+            _sync(device)
+            if epoch:
+                rates.append(n / (time.perf_counter() - start))
+    return {
+        f"imagefolder 224x224 JPEG, decode={data.decode}, {workers} workers": {
+            "images_per_s": statistics.median(rates),
+            "images": n,
+        }
+    }
+
+
+def bench_evaluator_resnet50(batch: int, repeats: int, warmup: int, device: torch.device) -> dict:
+    """A full evaluation (structured + unstructured accounting) of torchvision's ResNet-50 at 224x224 with the
+    dead-zone quantizers, against one training step of it at ``batch`` (codeq.step.TrainingStep, the AdamW of
+    paper_resnet50_imagenet, no sparsity loss)."""
+    evaluator = Evaluator(models.torchvision_model("resnet50", 1000, (3, 224, 224)).to(device), (3, 224, 224))
+    model = models.torchvision_model("resnet50", 1000, (3, 224, 224))
+    attach_weight_quantizers(model, models.first_and_last_layers(model), DeadZoneLDZCompander, {})
+    model.to(device)
+    optimizer = adamw(
+        model, lr=1e-4, weight_decay=0.0, lr_dz=1e-4, weight_decay_dz=0.02, lr_bit=1e-4, weight_decay_bit=0.05
+    )
+    step = TrainingStep(model, optimizer)
+    x = torch.randn(batch, 3, 224, 224, device=device)
+    y = torch.randint(0, 1000, (batch,), device=device)
+    fns = {"training step": functools.partial(step, x, y, 0.0), "evaluator": lambda: evaluator.evaluate(model)}
+    medians = alternate(fns, repeats, warmup, device)
+    return {name: {"seconds": t, "ratio_to_step": t / medians["training step"]} for name, t in medians.items()} | {
+        "batch": batch
+    }
+
+
 TRAINER_VARIANTS = {
     "plain": ["quantizer=none", "sparsity=none"],
     "codeq": ["quantizer=deadzone", "sparsity=group_lasso"],
@@ -250,6 +312,14 @@ def _table(results: dict) -> str:
     ]
     lines.append("data pipeline with augmentation")
     lines += [f"  {name:<38} {r['images_per_s']:12,.0f} images/s" for name, r in results["data"].items()]
+    if "resnet50" in results:
+        r = results["resnet50"]
+        lines.append(f"evaluator vs one training step, torchvision ResNet-50 at 224x224 (batch {r['batch']})")
+        lines += [
+            f"  {name:<38} {v['seconds'] * 1e3:9.1f} ms   {100 * v['ratio_to_step']:6.2f} % of a step"
+            for name, v in r.items()
+            if name != "batch"
+        ]
     if "trainer" in results:
         r = results["trainer"]
         lines.append("trainer: time/train_s of a warm epoch (median), CoDeQ = dead-zone + group lasso")
@@ -286,6 +356,16 @@ def main(argv: list[str] | None = None) -> int:
         default=[],
         help="extra overrides for those runs (e.g. dataset.loader=device trainer.precision=bf16)",
     )
+    parser.add_argument(
+        "--imagefolder-images",
+        type=int,
+        default=512,
+        help="generated 224x224 JPEGs for the imagefolder pipeline (0: skip)",
+    )
+    parser.add_argument("--imagefolder-workers", type=int, default=4, help="worker processes of that pipeline")
+    parser.add_argument(
+        "--resnet50-batch", type=int, default=0, help="ResNet-50 step batch for the evaluator comparison (0: skip)"
+    )
     parser.add_argument("--out", default="bench.json", help="JSON file for every number measured")
     args = parser.parse_args(argv)
     device = torch.device(args.device)
@@ -303,6 +383,12 @@ def main(argv: list[str] | None = None) -> int:
         "scaling": bench_scaling(args.depths, max(1, args.repeats // 3), min(1, args.warmup), device),
         "data": bench_data(max(1, args.repeats // 5), args.data_size, device, fashion),
     }
+    if args.imagefolder_images > 0:
+        results["data"] |= bench_imagefolder(
+            args.imagefolder_images, args.imagefolder_workers, 64, max(1, args.repeats // 5), device
+        )
+    if args.resnet50_batch > 0:
+        results["resnet50"] = bench_evaluator_resnet50(args.resnet50_batch, max(1, args.repeats // 5), 1, device)
     status = 0
     if args.trainer_runs > 0:
         try:

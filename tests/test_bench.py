@@ -23,6 +23,12 @@ def test_bench_reports_every_comparison(tmp_path, capsys):
             "256",
             "--fashion-root",
             "",
+            "--imagefolder-images",
+            "20",
+            "--imagefolder-workers",
+            "0",
+            "--resnet50-batch",
+            "1",
             "--out",
             str(out),
         ]
@@ -48,6 +54,8 @@ def test_bench_reports_every_comparison(tmp_path, capsys):
     }
     assert results["scaling"]["resnet20"]["layers"] == 18
     assert results["data"]["synthetic 3x32x32"]["images"] == 256
+    assert results["data"]["imagefolder 224x224 JPEG, decode=cpu, 0 workers"]["images"] == 10
+    assert set(results["resnet50"]) == {"training step", "evaluator", "batch"}
     assert "images/s" in capsys.readouterr().out
 
 
@@ -67,6 +75,8 @@ def test_trainer_comparison_reads_the_warm_epochs_of_cli_runs(tmp_path, capsys):
             "64",
             "--fashion-root",
             "",
+            "--imagefolder-images",
+            "0",
             "--trainer-runs",
             "1",
             "--trainer-images",
@@ -102,6 +112,8 @@ def test_a_failing_trainer_run_is_one_error_line_and_the_rest_is_kept(tmp_path, 
             "64",
             "--fashion-root",
             "",
+            "--imagefolder-images",
+            "0",
             "--trainer-runs",
             "1",
             "--trainer-overrides",
