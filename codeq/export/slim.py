@@ -237,7 +237,7 @@ class _Surgery:
     def _add_constant(self, node: fx.Node | None, constant: torch.Tensor, name: str) -> fx.Node | None:
         if node is None or not constant.ne(0).any():
             return node
-        return self.graph.call_function(operator.add, (node, self._attribute(f"{name}_fixed", constant)))
+        return self.graph.call_function(operator.add, (node, self._attribute(f"{name}_fixed", _compact(constant))))
 
     # ---- the rules ---------------------------------------------------------------------------
     def run(self) -> SlimResult:
@@ -408,6 +408,16 @@ class _Surgery:
         out = self._align(result, everything, "output")
         out = self._add_constant(out, result.fixed, "output")
         return self.graph.output(out)
+
+
+def _compact(constant: torch.Tensor) -> torch.Tensor:
+    """``constant`` with its positions collapsed to one when they are all equal: it broadcasts to the same sum."""
+    if constant.dim() <= 2:
+        return constant
+    positions = constant.flatten(2)
+    if not bool((positions == positions[..., :1]).all()):
+        return constant
+    return positions[..., :1].reshape(*constant.shape[:2], *[1] * (constant.dim() - 2)).clone()
 
 
 def flat_name(name: str) -> str:
