@@ -300,6 +300,46 @@ def test_slurm_preset_renders_an_sbatch_array_with_one_gpu_per_job(tmp_path):
     assert lines[-1].endswith(f"{sys.executable} -u -m submitit.core._submit {tmp_path / 'sweep'}/.submitit/%j")
 
 
+def test_slurm_ddp_preset_renders_one_task_per_gpu_on_every_node(tmp_path):
+    """hydra/launcher=slurm_ddp with 2 nodes of 4 GPUs: one sbatch job of 2 x 4 tasks, one GPU each, USR2 before the
+    time limit (submitit's requeue), every task started by srun (one rank each)."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "sbatch").write_text('#!/bin/sh\ncp "$1" "$CAPTURED_SBATCH"\nexit 1\n')
+    (bin_dir / "srun").write_text("#!/bin/sh\nexit 0\n")
+    for tool in bin_dir.iterdir():
+        tool.chmod(0o755)
+    script = tmp_path / "sbatch.sh"
+    proc = run_cli(
+        "-m",
+        *ONE_EPOCH,
+        "trainer.resume=true",
+        "hydra/launcher=slurm_ddp",
+        "hydra.launcher.nodes=2",
+        "hydra.launcher.gpus_per_node=4",
+        "hydra.launcher.partition=gpu",
+        f"hydra.sweep.dir={tmp_path / 'sweep'}",
+        env={"PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}", "CAPTURED_SBATCH": str(script)},
+    )
+    assert proc.returncode != 0 and script.exists(), proc.stderr
+    lines = script.read_text().splitlines()
+    for option in (
+        "--nodes=2",
+        "--ntasks-per-node=4",
+        "--gpus-per-node=4",
+        "--cpus-per-task=8",
+        "--mem=128GB",
+        "--partition=gpu",
+        "--time=240",
+        "--signal=USR2@120",
+        "--job-name=codeq",
+    ):
+        assert f"#SBATCH {option}" in lines
+    assert not any(line.startswith("#SBATCH --array") for line in lines)  # one job, not an array
+    assert lines[-1].startswith("srun --unbuffered ")
+    assert lines[-1].endswith(f"{sys.executable} -u -m submitit.core._submit {tmp_path / 'sweep'}/.submitit/%j")
+
+
 def submitit_task_pid(sweep: Path, job_id: str) -> int:
     """The pid of local job ``job_id``'s task: runs submitit.core._submit on the sweep's .submitit/%j folder,
     with SUBMITIT_LOCAL_JOB_ID=<job_id> in its environment."""
