@@ -19,8 +19,9 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-import torch.distributed.nn.functional as dist_fn
 from torch import nn
+
+from codeq.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -89,6 +90,11 @@ class Distributed:
     def device(self, requested: torch.device) -> torch.device:
         """The device this rank trains on: ``cuda`` becomes ``cuda:LOCAL_RANK`` (one GPU per process)."""
         if self.active and requested.type == "cuda":
+            if requested.index is not None:
+                raise ConfigError(
+                    f"trainer.device={requested} under data-parallel training: each rank takes cuda:LOCAL_RANK; "
+                    "use trainer.device=cuda or auto"
+                )
             device = torch.device("cuda", self.local_rank)
             torch.cuda.set_device(device)
             return device
@@ -107,6 +113,15 @@ class Distributed:
         if self.active:
             dist.all_reduce(tensor)
         return tensor
+
+    def agreed_signal(self, signum: int | None) -> int | None:
+        """The stop signal any rank received (the largest number if several), None if none did; the same answer
+        on every rank, so that all stop at the same step. One all-reduce."""
+        if not self.active:
+            return signum
+        value = torch.tensor([signum or 0])
+        dist.all_reduce(value, op=dist.ReduceOp.MAX)
+        return int(value) or None
 
     def wrap(self, model: nn.Module) -> nn.Module:
         """``model`` under DistributedDataParallel: the replicas start from rank 0's parameters and buffers and
@@ -135,22 +150,38 @@ class Distributed:
                 f"the replicas diverged: {first} differs from rank 0's on {int(mismatched.max())} rank(s)"
             )
 
-    def record_failure(self, message: str) -> None:
-        """Leave this rank's one-line reason in the rendezvous store, before leaving, for the others to report."""
-        if not self.active:
-            return
+    def failure(self, cause: str, exc: BaseException) -> tuple[str, bool]:
+        """(the job's one-line reason for failing, whether this rank says it) after ``exc`` ended this rank.
+
+        The first rank to fail leaves ``rank R failed: cause`` in the rendezvous store and says it; the others
+        (whose collectives broke when it left) read it there. A rank lost without a word (killed outright)
+        is reported by rank 0 from its own error.
+        """
+        record = self.peer_failure(wait=isinstance(exc, dist.DistError) or _is_collective_error(exc))
+        if record is not None:
+            return record, False
+        message = f"rank {self.rank} failed: {cause}"
+        if not _is_collective_error(exc) and not isinstance(exc, dist.DistError):
+            self._record(message)
+            return message, True
+        return f"rank {self.rank} lost another rank: {cause}", self.is_main
+
+    def _record(self, message: str) -> None:
         try:
-            dist.distributed_c10d._get_default_store().set(FAILURE_KEY, f"rank {self.rank}: {message}")
+            dist.distributed_c10d._get_default_store().set(FAILURE_KEY, message)
         except Exception:  # noqa: BLE001 - the store may be gone with rank 0; the line on stderr remains
             log.debug("could not record the failure in the rendezvous store", exc_info=True)
 
-    def peer_failure(self) -> str | None:
-        """The reason another rank left (``rank R: cause``), waiting briefly for it; None if none was recorded."""
+    def peer_failure(self, wait: bool = False) -> str | None:
+        """The reason another rank recorded for leaving, waiting up to FAILURE_WAIT if ``wait``; None if none."""
         if not self.active:
             return None
         try:
             store = dist.distributed_c10d._get_default_store()
-            store.wait([FAILURE_KEY], FAILURE_WAIT)
+            if wait:
+                store.wait([FAILURE_KEY], FAILURE_WAIT)
+            elif not store.check([FAILURE_KEY]):
+                return None
             return store.get(FAILURE_KEY).decode()
         except Exception:  # noqa: BLE001 - no record (a rank killed outright) or rank 0's store gone
             return None
@@ -159,6 +190,14 @@ class Distributed:
         """Leave the process group (after the last collective)."""
         if self.active and dist.is_initialized():
             dist.destroy_process_group()
+
+
+def _is_collective_error(exc: BaseException) -> bool:
+    """An error raised by a collective because a peer went away (gloo and NCCL raise RuntimeErrors)."""
+    text = str(exc)
+    return isinstance(exc, RuntimeError) and any(
+        word in text for word in ("Connection closed by peer", "Connection reset by peer", "gloo", "NCCL")
+    )
 
 
 class ReplicaMismatch(RuntimeError):
@@ -200,6 +239,23 @@ def teardown() -> None:
         _current = None
 
 
+class _SumOverRanks(torch.autograd.Function):
+    """``Σ_ranks x`` with its gradient: every rank's sum feeds every rank's loss, so the gradient of ``x`` is the
+    sum over ranks of the incoming gradients."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
+        summed = x.clone()
+        dist.all_reduce(summed)
+        return summed
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        summed = grad.clone()
+        dist.all_reduce(summed)
+        return summed
+
+
 class GlobalBatchNorm(nn.modules.batchnorm._BatchNorm):
     """BatchNorm over the global batch for CPU tensors (gloo), where ``nn.SyncBatchNorm`` refuses to run.
 
@@ -218,11 +274,11 @@ class GlobalBatchNorm(nn.modules.batchnorm._BatchNorm):
         dims = [0, *range(2, x.dim())]
         shape = [1, -1, *[1] * (x.dim() - 2)]
         count = x.new_full((1,), x.numel() // max(x.shape[1], 1))
-        sums = dist_fn.all_reduce(torch.cat((x.sum(dims), count)))
+        sums = _SumOverRanks.apply(torch.cat((x.sum(dims), count)))
         n = sums[-1]
         mean = sums[:-1] / n
         centered = x - mean.view(shape)
-        var = dist_fn.all_reduce(centered.square().sum(dims)) / n
+        var = _SumOverRanks.apply(centered.square().sum(dims)) / n
         y = centered * torch.rsqrt(var + self.eps).view(shape)
         if self.affine:
             y = y * self.weight.view(shape) + self.bias.view(shape)

@@ -3,13 +3,17 @@
 It validates and seeds, instantiates every config group, builds the Evaluator on the dense model,
 attaches the quantizers, builds the optimizer, and hands plain objects to codeq.trainer. Bad input
 ends the job with one line naming the key (exit 2); a failed job leaves failed.json in its run dir.
+Under torchrun (or an srun step of several tasks) each process is one data-parallel rank (codeq.distributed):
+all run in rank 0's run dir, rank 0 alone writes there and reports how the job ended.
 """
 
 from __future__ import annotations
 
 import logging
 import random
+import signal
 import sys
+import threading
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -23,10 +27,11 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 from torch import nn
 
-from codeq import pareto
+from codeq import distributed, pareto
 from codeq.checkpoint import CHECKPOINT_FILE, load_checkpoint
 from codeq.cost import Evaluator
 from codeq.device import resolve_device
+from codeq.distributed import Distributed
 from codeq.errors import ConfigError
 from codeq.loggers import Logger
 from codeq.models import first_and_last_layers
@@ -43,6 +48,8 @@ log = logging.getLogger("codeq.main")
 CONF_DIR = str(Path(__file__).resolve().parents[1] / "conf")
 EXIT_BAD_INPUT = 2
 EXIT_FAILED = 1
+# A data-parallel rank other than 0 started by `cli` gets rank 0's run dir before Hydra starts.
+_rank0_run_dir: Path | None = None
 
 
 class JobFailed(CompactHydraException):
@@ -149,10 +156,10 @@ def wandb_naming(cfg: DictConfig, hydra_cfg: DictConfig) -> dict[str, str | None
     return {"name": name, "group": None, "job_type": None}
 
 
-def build(cfg: DictConfig, run_dir: Path) -> tuple[Trainer, dict[str, Any] | None]:
+def build(cfg: DictConfig, run_dir: Path, ranks: Distributed) -> tuple[Trainer, dict[str, Any] | None]:
     """Every object of the run, in order; the trainer is restored from last.pt when resuming."""
     trainer_cfg: TrainerConfig = instantiate_group(cfg, "trainer")
-    device = resolve_device(trainer_cfg.device)
+    device = ranks.device(resolve_device(trainer_cfg.device))
     checkpoint = None
     if trainer_cfg.resume:
         path = run_dir / CHECKPOINT_FILE
@@ -174,6 +181,8 @@ def build(cfg: DictConfig, run_dir: Path) -> tuple[Trainer, dict[str, Any] | Non
     model.to(device)
     if trainer_cfg.channels_last:
         model.to(memory_format=torch.channels_last)
+    if ranks.active and trainer_cfg.sync_bn:
+        model = distributed.synchronize_batchnorm(model, device)
     optimizer = instantiate_group(cfg, "optimizer")(model)
     lr_scheduler = instantiate_group(cfg, "lr_scheduler")(optimizer)
 
@@ -190,13 +199,15 @@ def build(cfg: DictConfig, run_dir: Path) -> tuple[Trainer, dict[str, Any] | Non
         figure_fn=lambda m, result: compression_figures(m, result, sparsity_layer),
         files=RunFiles(run_dir, epochs=trainer_cfg.epochs),
         device=device,
+        ranks=ranks,
     )
     if checkpoint is not None:
         trainer.load_state_dict(checkpoint)
     log.info(
-        "Run dir %s | device %s | %s on %s (%d train / %d test images)",
+        "Run dir %s | device %s%s | %s on %s (%d train / %d test images)",
         run_dir,
         device,
+        f" | {ranks.world_size} ranks, global batch {data.batch_size}" if ranks.active else "",
         type(model).__name__,
         cfg.dataset.get("name", "?"),
         data.num_train,
@@ -251,15 +262,58 @@ def one_line(exc: BaseException) -> str:
     return text or type(exc).__name__
 
 
-def stop(code: int, message: str) -> NoReturn:
-    """End the job with ``message``: one stderr line and ``code``; in a sweep, fail only this job."""
-    log.error(message)
+def stop(code: int, message: str, quiet: bool = False) -> NoReturn:
+    """End the job with ``message``: one stderr line and ``code``; in a sweep, fail only this job.
+
+    ``quiet``: a data-parallel rank whose ending another rank reports exits with ``code`` alone.
+    """
+    if not quiet:
+        log.error(message)
     if code in (EXIT_BAD_INPUT, EXIT_FAILED) and HydraConfig.get().mode == RunMode.MULTIRUN:
         raise JobFailed(f"error: {message}") from None
-    sys.stdout.flush()
-    sys.stderr.write(f"error: {message}\n")
-    sys.stderr.flush()
+    if not quiet:
+        sys.stdout.flush()
+        sys.stderr.write(f"error: {message}\n")
+        sys.stderr.flush()
     sys.exit(code)
+
+
+def end(
+    ranks: Distributed,
+    files: RunFiles,
+    status: str,
+    code: int,
+    message: str,
+    error_type: str | None = None,
+    quiet: bool | None = None,
+) -> NoReturn:
+    """Record how the job ended (rank 0: summary.json, and failed.json with ``error_type``), then ``stop``.
+    By default rank 0 alone says it: every rank ends the same way."""
+    if ranks.is_main:
+        files.write_summary(status, message)
+        if error_type is not None:
+            files.write_failed(message, error_type)
+    stop(code, message, quiet=not ranks.is_main if quiet is None else quiet)
+
+
+def shared_run_dir(ranks: Distributed, own: Path) -> Path:
+    """Rank 0's run dir, on every rank (Hydra's ``${now:}`` differs between processes started apart)."""
+    if ranks.is_main:
+        ranks.broadcast_object(str(own))
+        return own
+    if _rank0_run_dir is not None:  # received by `cli` before Hydra started
+        return _rank0_run_dir
+    return Path(ranks.broadcast_object(None))
+
+
+def log_as_replica(run_dir: Path) -> None:
+    """A rank other than 0: no log file (rank 0 writes main.log), warnings and errors only on the console."""
+    root = logging.getLogger()
+    for handler in list(root.handlers):
+        if isinstance(handler, logging.FileHandler) and Path(handler.baseFilename).parent == run_dir.resolve():
+            root.removeHandler(handler)
+            handler.close()
+    logging.getLogger("codeq").setLevel(logging.WARNING)
 
 
 def two_objective_cost(cfg: DictConfig, hydra_cfg: DictConfig) -> str | None:
@@ -278,45 +332,80 @@ def main(cfg: DictConfig) -> float | tuple[float, float] | None:
     Returns the best accuracy, or to a two-objective sweeper the final (accuracy, Rel. BOPs %).
     """
     hydra_cfg = HydraConfig.get()
-    run_dir = Path(hydra_cfg.runtime.output_dir)
+    ranks = distributed.setup()
+    run_dir = shared_run_dir(ranks, Path(hydra_cfg.runtime.output_dir))
+    if not ranks.is_main:
+        log_as_replica(run_dir)
     files = RunFiles(run_dir, epochs=OmegaConf.select(cfg, "trainer.epochs", default=None))
     logger: Logger | None = None
     status = "failed"
     try:
         cost = two_objective_cost(cfg, hydra_cfg)
-        trainer, checkpoint = build(cfg, run_dir)
+        trainer, checkpoint = build(cfg, run_dir, ranks)
         files = trainer.files
-        logger = build_logger(cfg, run_dir, hydra_cfg, checkpoint["wandb_run_id"] if checkpoint else None)
+        run_id = checkpoint["wandb_run_id"] if checkpoint else None
+        logger = build_logger(cfg, run_dir, hydra_cfg, run_id) if ranks.is_main else Logger(run_dir, {}, cfg.name)
         summary = trainer.fit(logger)
+        distributed.teardown()
         status = "completed"
+        if not ranks.is_main:
+            return None
         print(final_table(summary, run_dir), flush=True)
         return pareto.job_objectives(summary["final"], cost) if cost else summary["best_accuracy"]
     except TrainingInterrupted as exc:
         status = "interrupted"
-        files.write_summary(status, one_line(exc))
-        stop(128 + exc.signum, one_line(exc))
+        end(ranks, files, status, 128 + exc.signum, one_line(exc))
     except KeyboardInterrupt:
         status = "interrupted"
         message = f"aborted by the user; the last checkpoint (if any) is {run_dir / CHECKPOINT_FILE}"
-        files.write_summary(status, message)
-        stop(130, message)
+        end(ranks, files, status, 130, message)
     except TrainingDiverged as exc:
         status = "diverged"
-        files.write_summary(status, one_line(exc))
-        files.write_failed(one_line(exc), type(exc).__name__)
-        stop(EXIT_FAILED, one_line(exc))
+        end(ranks, files, status, EXIT_FAILED, one_line(exc), type(exc).__name__)
     except (ConfigError, OmegaConfBaseException) as exc:
-        files.write_summary(status, one_line(exc))
-        files.write_failed(one_line(exc), type(exc).__name__)
-        stop(EXIT_BAD_INPUT, one_line(exc))
+        end(ranks, files, status, EXIT_BAD_INPUT, one_line(exc), type(exc).__name__)
     except Exception as exc:
-        files.write_summary(status, one_line(exc))
-        files.write_failed(one_line(exc), type(exc).__name__)
-        raise
+        if not ranks.active:
+            files.write_summary(status, one_line(exc))
+            files.write_failed(one_line(exc), type(exc).__name__)
+            raise
+        # one line naming the rank that failed first and why, said by that rank; the traceback at debug level.
+        # torchrun stops the other ranks with SIGTERM once one exits: rank 0 first records the failure.
+        if threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        log.debug("rank %d failed", ranks.rank, exc_info=True)
+        message, error_type, own = ranks.failure(exc, one_line(exc))
+        end(ranks, files, status, EXIT_FAILED, message, error_type, quiet=not own)
     finally:
         if logger is not None:
             logger.finish(status)
 
 
-if __name__ == "__main__":
+def hydra_quoted(value: str) -> str:
+    """``value`` as a quoted Hydra override value."""
+    return "'" + value.replace("'", "\\'") + "'"
+
+
+def cli() -> None:
+    """``python -m codeq.main``: one process, or one rank of a torchrun job (no multirun there). A rank other
+    than 0 waits for rank 0's run dir and runs in it, leaving Hydra's files there to rank 0."""
+    global _rank0_run_dir
+    ranks = distributed.setup()
+    if ranks.active and {"-m", "--multirun"} & set(sys.argv[1:]):
+        if ranks.is_main:
+            sys.stderr.write(
+                "error: -m/--multirun cannot run under torchrun: start one torchrun per job, or use "
+                "hydra/launcher=slurm_ddp for data-parallel sweeps\n"
+            )
+        sys.exit(EXIT_BAD_INPUT)
+    if ranks.active and not ranks.is_main:
+        try:
+            _rank0_run_dir = Path(ranks.broadcast_object(None))
+        except Exception:  # noqa: BLE001 - rank 0 ended before its run started (bad input, --help): it said why
+            sys.exit(EXIT_FAILED)
+        sys.argv += [f"hydra.run.dir={hydra_quoted(str(_rank0_run_dir))}", "hydra.output_subdir=null"]
     main()
+
+
+if __name__ == "__main__":
+    cli()

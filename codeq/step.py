@@ -34,6 +34,8 @@ class TrainingStep:
     after the optimizer step with η = strength·lr, lr of the weights' group), or None: no sparsity term at all
     (nothing is computed for it). ``compile`` runs the
     model through torch.compile; ``precision`` "bf16" autocasts; ``channels_last`` re-lays the inputs.
+    ``forward`` is the module the batches go through, by default ``model``; data-parallel, ``model`` under
+    DistributedDataParallel (which averages the gradients over ranks in ``backward``).
     """
 
     def __init__(
@@ -45,25 +47,32 @@ class TrainingStep:
         compile: bool = False,
         precision: str = "fp32",
         channels_last: bool = False,
+        forward: nn.Module | None = None,
     ):
         self.model = model
         self.optimizer = optimizer
         self.sparsity_fn = None if isinstance(sparsity_fn, Proximal) else sparsity_fn
         self.proximal = sparsity_fn if isinstance(sparsity_fn, Proximal) else None
-        self.forward = torch.compile(model) if compile else model
+        forward = model if forward is None else forward
+        self.forward = torch.compile(forward) if compile else forward
         # each step's quantized weights, computed once; eager stacks like layers, torch.compile fuses them itself
         self.quantized_weights = parametrize.cached if compile else StackedFakeQuant(model).cached
         self.precision = precision
         self.channels_last = channels_last
 
-    def __call__(self, x: torch.Tensor, y: torch.Tensor, strength: float) -> torch.Tensor:
+    def __call__(
+        self, x: torch.Tensor, y: torch.Tensor, strength: float, mean_over: float | None = None
+    ) -> torch.Tensor:
         """forward → CE + strength·sparsity → backward → step; returns [loss, ce, sparsity, correct], detached.
 
         ``strength`` = λ·s(e), the sparsity weight times the schedule's coefficient of this epoch.
+        ``mean_over``: the CE is ``Σ CE / mean_over``, by default over this batch (its mean). Data-parallel it is
+        the global batch's size / world size, so that the gradients averaged over ranks are those of the global
+        batch's mean CE, however the batch was split.
         """
         with self.quantized_weights(), self.autocast(x.device):
             logits = self.forward(self.layout(x))
-            ce = F.cross_entropy(logits, y)
+            ce = F.cross_entropy(logits, y, reduction="sum") / (y.shape[0] if mean_over is None else mean_over)
             if self.sparsity_fn is None:
                 sparsity, loss = torch.zeros((), device=ce.device), ce
             else:

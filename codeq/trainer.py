@@ -19,6 +19,7 @@ from torch import nn
 from tqdm import tqdm
 
 from codeq.checkpoint import CHECKPOINT_FILE, save_checkpoint
+from codeq.distributed import Distributed
 from codeq.errors import ConfigError
 from codeq.loggers import Logger
 from codeq.resume import EpochProgress, StopSignals, restore_training_state, training_state
@@ -44,6 +45,7 @@ class TrainerConfig:
     compile: bool = False
     channels_last: bool = False
     log_every_steps: int = 25
+    sync_bn: bool = True
 
     def __post_init__(self):
         for key in ("epochs", "viz_interval", "log_every_steps"):
@@ -64,6 +66,11 @@ class Trainer:
     ``sparsity_fn``: a loss, a ``codeq.sparsity.Proximal`` step or None (see ``codeq.step.TrainingStep``).
     ``figure_fn(model, eval_result)`` returns {name: Figure}; RunFiles writes them as PNGs.
     The logger is given to ``fit``, so a checkpoint can be restored before a W&B run is opened.
+
+    Data-parallel (``ranks`` of several processes): every rank trains on its part of each global batch through
+    DistributedDataParallel; the step history and the test sums are summed over ranks, a stop signal on any
+    rank stops all at the same step (agreed every ``log_every_steps`` steps), and rank 0 alone evaluates the
+    cost, writes files and checkpoints and logs.
     """
 
     def __init__(
@@ -81,9 +88,11 @@ class Trainer:
         figure_fn: Callable[[nn.Module, Any], dict[str, Figure]],
         files: RunFiles,
         device: torch.device,
+        ranks: Distributed | None = None,
     ):
         self.config = config
         self.model = model
+        self.ranks = Distributed() if ranks is None else ranks
         self.step = TrainingStep(
             model,
             optimizer,
@@ -91,6 +100,7 @@ class Trainer:
             compile=config.compile,
             precision=config.precision,
             channels_last=config.channels_last,
+            forward=self.ranks.wrap(model),
         )
         self.data = data
         self.optimizer = optimizer
@@ -126,75 +136,96 @@ class Trainer:
         Raises TrainingDiverged (non-finite loss) or TrainingInterrupted (SIGINT/SIGTERM, after a checkpoint).
         """
         self.logger = logger
-        self.files.start(self.start_epoch)
-        self.files.write_summary("running")
+        if self.ranks.is_main:
+            self.files.start(self.start_epoch)
+            self.files.write_summary("running")
         with StopSignals() as stop:
             for epoch in range(self.start_epoch, self.config.epochs):
                 row = self._epoch(epoch, stop)
-                self.files.append(row)
-                self.logger.log_metrics(row, step=epoch)
-                save_checkpoint(self.checkpoint_path, self.state_dict(epoch))
-                self.files.write_summary("running")
-                self._log_epoch(row)
+                self.ranks.check_replicas_agree(self.model)
+                if self.ranks.is_main:
+                    self._record_epoch(row)
+                stop.signum = self.ranks.agreed_signal(stop.signum)
                 if stop.signum is not None:
                     raise stop.interrupt(f"after epoch {epoch} (counting from 0)", self.checkpoint_path)
-        return self.files.write_summary("completed")
+        return self.files.write_summary("completed") if self.ranks.is_main else {}
 
     def _epoch(self, epoch: int, stop: StopSignals) -> dict[str, Any]:
-        """Train one epoch, step the LR schedule, test, count the cost, draw the figures when due: the row."""
+        """Train one epoch, step the LR schedule and test (every rank): the row's training and test part."""
         coeff = float(self.schedule(epoch, self.config.epochs))
         lr = self.optimizer.param_groups[0]["lr"]
         train = self._train_epoch(epoch, self.sparsity_weight * coeff, stop)
         self.lr_scheduler.step()
         tic = time.perf_counter()
         eval_accuracy, eval_loss = self._test()
-        eval_s = time.perf_counter() - tic
-        tic = time.perf_counter()
-        result = self.evaluator.evaluate(self.model)
-        row = {
+        return {
             "epoch": epoch,
             **train,
             "train/sparsity_coeff": coeff,
             "eval/accuracy": eval_accuracy,
             "eval/loss": eval_loss,
-            **result.as_metrics(),
             "lr": lr,
-            "time/eval_s": eval_s,
-            "time/evaluator_s": time.perf_counter() - tic,
+            "time/eval_s": time.perf_counter() - tic,
         }
+
+    def _record_epoch(self, row: dict[str, Any]) -> None:
+        """Rank 0: count the cost, draw the figures when due, append the row, log it, checkpoint."""
+        epoch = row["epoch"]
+        tic = time.perf_counter()
+        result = self.evaluator.evaluate(self.model)
+        row.update(result.as_metrics())
+        row["time/evaluator_s"] = time.perf_counter() - tic
         if epoch % self.config.viz_interval == 0 or epoch == self.config.epochs - 1:
             tic = time.perf_counter()
             paths = self.files.write_figures(self.figure_fn(self.model, result), epoch)
             self.logger.log_figures(paths, step=epoch)
             row["time/figures_s"] = time.perf_counter() - tic
-        return row
+        self.files.append(row)
+        self.logger.log_metrics(row, step=epoch)
+        save_checkpoint(self.checkpoint_path, self.state_dict(epoch))
+        self.files.write_summary("running")
+        self._log_epoch(row)
 
     def _train_epoch(self, epoch: int, strength: float, stop: StopSignals) -> dict[str, float]:
         """One pass over the training batches; per-step sums stay on the device (a sync every N steps)."""
         self.model.train()
+        ranks = self.ranks
         progress = EpochProgress.resumed(self.partial, epoch, self.device)
         self.partial = None
+        if not ranks.is_main:  # the checkpoint holds the steps' sums over ranks; rank 0 carries them
+            progress.history = [torch.zeros_like(row) for row in progress.history]
         skip = len(progress.history)
-        batches = self.data.train_batches(epoch)
+        batches = self.data.train_batches(epoch, ranks.rank, ranks.world_size)
         total = len(batches) if hasattr(batches, "__len__") else None
         desc = f"epoch {epoch + 1}/{self.config.epochs}"
-        bar = tqdm(total=total, initial=skip, desc=desc, unit="step", leave=False, disable=None)
+        bar = tqdm(
+            total=total, initial=skip, desc=desc, unit="step", leave=False, disable=None if ranks.is_main else True
+        )
+        # [loss, ce, sparsity] of a rank's step are its share of the global batch's: summed over ranks they are those
+        share = torch.tensor([1 / ranks.world_size] * 3 + [1.0], device=self.device)
         tic, train_s = time.perf_counter(), progress.train_s
         for step, (x, y) in enumerate(batches):
             if step < skip:
                 continue  # replaying a stopped epoch: these batches were trained on before the checkpoint
-            progress.history.append(self.step(x, y, strength))
-            progress.seen += y.shape[0]
+            images = min(self.data.batch_size, self.data.num_train - step * self.data.batch_size)  # the global batch
+            row = self.step(x, y, strength, images / ranks.world_size)
+            progress.history.append(row * share if ranks.active else row)
+            progress.seen += images
             bar.update(1)
+            signum = None if ranks.active else stop.signum  # data-parallel: agreed at the next sync only
             if (step + 1) % self.config.log_every_steps == 0:
                 totals = self._check_finite(progress.history, epoch)
                 elapsed = train_s + time.perf_counter() - tic
                 loss, acc, img_s = totals[0] / len(progress.history), totals[3] / progress.seen, progress.seen / elapsed
                 bar.set_postfix(loss=f"{loss:.4f}", acc=f"{acc:.4f}", img_s=f"{img_s:.0f}", refresh=False)
-            if stop.signum is not None:
-                self._check_finite(progress.history, epoch)
+                signum = stop.signum = ranks.agreed_signal(stop.signum)
+            if signum is not None:
+                history = self._summed(progress.history)
+                self._check_finite(progress.history, epoch, history)
                 progress.train_s = train_s + time.perf_counter() - tic
-                save_checkpoint(self.checkpoint_path, self.state_dict(epoch - 1, progress))
+                if ranks.is_main:
+                    stopped = EpochProgress(epoch, list(history.unbind(0)), progress.seen, progress.train_s)
+                    save_checkpoint(self.checkpoint_path, self.state_dict(epoch - 1, stopped))
                 bar.close()
                 raise stop.interrupt(f"at epoch {epoch}, step {step} (counting from 0)", self.checkpoint_path)
         bar.close()
@@ -212,9 +243,14 @@ class Trainer:
             "train/images_per_s": seen / train_s,
         }
 
-    def _check_finite(self, history: list[torch.Tensor], epoch: int) -> list[float]:
-        """Column sums of the step history (loss, ce, sparsity, correct) — one host sync; stop on a non-finite loss."""
-        stacked = torch.stack(history)
+    def _summed(self, history: list[torch.Tensor]) -> torch.Tensor:
+        """The step history stacked, summed over ranks: per step the global batch's loss, ce, sparsity, correct."""
+        return self.ranks.all_reduce(torch.stack(history))
+
+    def _check_finite(self, history: list[torch.Tensor], epoch: int, summed: torch.Tensor | None = None) -> list[float]:
+        """Column sums of the step history over ranks (loss, ce, sparsity, correct) — one host sync (and
+        data-parallel one all-reduce, so a non-finite loss on any rank stops every rank)."""
+        stacked = self._summed(history) if summed is None else summed
         finite = torch.isfinite(stacked[:, 0])
         summary = torch.cat((stacked.sum(0), finite.all().float()[None])).tolist()
         if summary[-1] == 1.0:
@@ -229,8 +265,10 @@ class Trainer:
         )
 
     def _test(self) -> tuple[float, float]:
-        """Test accuracy (fraction) and mean CE with quantization on."""
-        seen, loss_sum, correct = self.step.test(self.data.test_batches(), self.device)
+        """Test accuracy (fraction) and mean CE with quantization on, over every rank's part of the test set."""
+        batches = self.data.test_batches(self.ranks.rank, self.ranks.world_size)
+        sums = torch.tensor(self.step.test(batches, self.device), dtype=torch.float64)
+        seen, loss_sum, correct = self.ranks.all_reduce(sums).tolist()
         if seen == 0:
             raise ConfigError("dataset: the test set yields no batches (check dataset.test_size)")
         return correct / seen, loss_sum / seen

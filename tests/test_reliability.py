@@ -33,8 +33,8 @@ def poisoned_synthetic(poison_epoch: int, poison_step: int, **kwargs):
     data = synthetic(**kwargs)
     clean = data.train_batches
 
-    def train_batches(epoch):
-        for step, (x, y) in enumerate(clean(epoch)):
+    def train_batches(epoch, rank=0, world_size=1):
+        for step, (x, y) in enumerate(clean(epoch, rank, world_size)):
             yield (torch.full_like(x, math.nan) if (epoch, step) == (poison_epoch, poison_step) else x), y
 
     data.train_batches = train_batches

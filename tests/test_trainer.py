@@ -58,7 +58,7 @@ class TinyData:
         self.test_x, self.test_y = make(num_test)
         self.num_train, self.num_test, self.batch_size, self.hook = num_train, num_test, batch_size, hook
 
-    def train_batches(self, epoch):
+    def train_batches(self, epoch, rank=0, world_size=1):  # one process: the rank's part is everything
         order = torch.randperm(self.num_train, generator=torch.Generator().manual_seed(100 + epoch))
         for step, index in enumerate(order.split(self.batch_size)):
             x = self.train_x[index]
@@ -66,7 +66,7 @@ class TinyData:
                 x = self.hook(epoch, step, x)
             yield x, self.train_y[index]
 
-    def test_batches(self):
+    def test_batches(self, rank=0, world_size=1):
         return zip(self.test_x.split(self.batch_size), self.test_y.split(self.batch_size))
 
 

@@ -66,10 +66,12 @@ class TracedModel:
 
 
 class _LayerLeafTracer(fx.Tracer):
-    """fx tracer that keeps Conv/Linear layers (parametrized ones too) as leaves."""
+    """fx tracer that keeps Conv/Linear layers (parametrized ones too) and every BatchNorm (also those defined
+    outside torch, e.g. the data-parallel global BatchNorm) as leaves."""
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
-        return isinstance(m, QUANTIZABLE) or super().is_leaf_module(m, module_qualified_name)
+        leaf = isinstance(m, (*QUANTIZABLE, nn.modules.batchnorm._BatchNorm))
+        return leaf or super().is_leaf_module(m, module_qualified_name)
 
 
 class _RecordingInterpreter(fx.Interpreter):
