@@ -12,6 +12,7 @@ import argparse
 import contextlib
 import functools
 import json
+import os
 import platform
 import statistics
 import subprocess
@@ -292,6 +293,64 @@ def bench_trainer(runs: int, images: int, batch: int, device: torch.device, over
     }
 
 
+def bench_ddp(ranks: int, runs: int, images: int, batch: int, device: torch.device, overrides: list[str]) -> dict:
+    """Data-parallel step time per rank vs one process at the same per-rank batch: ``torchrun --nproc_per_node=
+    ranks`` with global batch ``ranks·batch`` against ``python -m codeq.main`` with ``batch``, the CoDeQ step
+    (dead-zone + group lasso) on synthetic CIFAR-shaped data, ``runs`` runs of each alternated, one thread per
+    process; median ``time/train_s`` per step of the warm epochs. efficiency = single / per-rank step time
+    (1.0: the ranks cost nothing extra; on a CPU the gap is the gloo all-reduces and the global BatchNorm)."""
+    common = [
+        "dataset=synthetic",
+        f"dataset.train_size={images}",
+        "dataset.test_size=256",
+        "trainer.epochs=3",
+        "trainer.viz_interval=100",
+        "logger=none",
+        f"trainer.device={device.type}",
+        *TRAINER_VARIANTS["codeq"],
+        *overrides,
+    ]
+    launch = {
+        "single": ([sys.executable, "-m", "codeq.main"], batch),
+        "ddp": (
+            [
+                sys.executable,
+                "-m",
+                "torch.distributed.run",
+                "--standalone",
+                f"--nproc_per_node={ranks}",
+                "-m",
+                "codeq.main",
+            ],
+            ranks * batch,
+        ),
+    }
+    step_s: dict[str, list[float]] = {name: [] for name in launch}
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    with tempfile.TemporaryDirectory(prefix="codeq-bench-ddp-") as work:
+        for run in range(runs):
+            for name, (command, global_batch) in launch.items():
+                run_dir = Path(work) / f"{name}-{run}"
+                full = [*command, *common, f"dataset.batch_size={global_batch}", f"hydra.run.dir={run_dir}"]
+                done = subprocess.run(full, capture_output=True, text=True, env=env)
+                if done.returncode != 0:
+                    last = (done.stderr.strip().splitlines() or ["(no output)"])[-1]
+                    raise RuntimeError(f"data-parallel bench run failed ({' '.join(full[1:])}): {last}")
+                steps = -(-images // global_batch)
+                rows = read_metrics(run_dir / "metrics.jsonl")[1:]
+                step_s[name] += [row["time/train_s"] / steps for row in rows]
+    medians = {name: statistics.median(t) for name, t in step_s.items()}
+    return {
+        "command": f"torchrun --nproc_per_node={ranks} -m codeq.main " + " ".join(common),
+        "ranks": ranks,
+        "per_rank_batch": batch,
+        "step_s": step_s,
+        "single_step_s": medians["single"],
+        "ddp_step_s": medians["ddp"],
+        "efficiency": medians["single"] / medians["ddp"],
+    }
+
+
 def _table(results: dict) -> str:
     lines = []
     for batch, rows in results["training_step"].items():
@@ -324,6 +383,15 @@ def _table(results: dict) -> str:
         r = results["trainer"]
         lines.append("trainer: time/train_s of a warm epoch (median), CoDeQ = dead-zone + group lasso")
         lines.append(f"  plain {r['plain_s']:.2f} s   codeq {r['codeq_s']:.2f} s   {r['ratio']:5.3f}x plain")
+    if "ddp" in results:
+        r = results["ddp"]
+        lines.append(
+            f"data-parallel: step time per rank, {r['ranks']} ranks vs 1 process, {r['per_rank_batch']} images per rank"
+        )
+        lines.append(
+            f"  1 process {r['single_step_s'] * 1e3:.1f} ms   {r['ranks']} ranks {r['ddp_step_s'] * 1e3:.1f} ms"
+            f"   scaling efficiency {r['efficiency']:.3f}"
+        )
     return "\n".join(lines)
 
 
@@ -354,7 +422,7 @@ def main(argv: list[str] | None = None) -> int:
         "--trainer-overrides",
         nargs="*",
         default=[],
-        help="extra overrides for those runs (e.g. dataset.loader=device trainer.precision=bf16)",
+        help="extra overrides for those and the data-parallel runs (e.g. dataset.loader=device trainer.precision=bf16)",
     )
     parser.add_argument(
         "--imagefolder-images",
@@ -366,6 +434,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--resnet50-batch", type=int, default=0, help="ResNet-50 step batch for the evaluator comparison (0: skip)"
     )
+    parser.add_argument(
+        "--ddp-ranks",
+        type=int,
+        default=0,
+        help="data-parallel comparison: torchrun with this many ranks vs one process (0: skip)",
+    )
+    parser.add_argument("--ddp-runs", type=int, default=2, help="alternated runs of each there")
+    parser.add_argument("--ddp-images", type=int, default=2048, help="synthetic training images per epoch there")
+    parser.add_argument("--ddp-batch", type=int, default=64, help="images per rank and step there")
     parser.add_argument("--out", default="bench.json", help="JSON file for every number measured")
     args = parser.parse_args(argv)
     device = torch.device(args.device)
@@ -396,6 +473,14 @@ def main(argv: list[str] | None = None) -> int:
                 args.trainer_runs, args.trainer_images, args.trainer_batch, device, args.trainer_overrides
             )
         except RuntimeError as exc:  # the other comparisons are still reported
+            print(f"error: {exc}", file=sys.stderr)
+            status = 1
+    if args.ddp_ranks > 1:
+        try:
+            results["ddp"] = bench_ddp(
+                args.ddp_ranks, args.ddp_runs, args.ddp_images, args.ddp_batch, device, args.trainer_overrides
+            )
+        except RuntimeError as exc:
             print(f"error: {exc}", file=sys.stderr)
             status = 1
     print(_table(results))

@@ -3,6 +3,7 @@
 import json
 
 import pytest
+import torch
 
 from codeq import bench
 
@@ -126,3 +127,12 @@ def test_a_failing_trainer_run_is_one_error_line_and_the_rest_is_kept(tmp_path, 
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].endswith("): error: dataset.batch_size must be an integer >= 1, got 0")
     assert "trainer" not in json.loads(out.read_text()) and "training_step" in json.loads(out.read_text())
+
+
+@pytest.mark.slow
+def test_bench_compares_two_ranks_with_one_process():
+    """Two torchrun ranks at global batch 2·4 vs one process at batch 4, on 3×8×8 images: step times per rank."""
+    result = bench.bench_ddp(2, 1, 32, 4, torch.device("cpu"), ["dataset.input_size=[3,8,8]"])
+    assert result["ranks"] == 2 and result["per_rank_batch"] == 4
+    assert len(result["step_s"]["single"]) == len(result["step_s"]["ddp"]) == 2  # the warm epochs 2 and 3
+    assert result["efficiency"] == result["single_step_s"] / result["ddp_step_s"] > 0
