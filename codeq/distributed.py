@@ -10,6 +10,7 @@ no-ops, so the trainer has one code path. Rank 0 alone writes files; every rank 
 from __future__ import annotations
 
 import datetime
+import json
 import logging
 import os
 import re
@@ -114,6 +115,10 @@ class Distributed:
             dist.all_reduce(tensor)
         return tensor
 
+    def barrier(self) -> None:
+        """Wait until every rank gets here (e.g. rank 0's checkpoint is written before any rank exits)."""
+        self.all_reduce(torch.zeros(1))
+
     def agreed_signal(self, signum: int | None) -> int | None:
         """The stop signal any rank received (the largest number if several), None if none did; the same answer
         on every rank, so that all stop at the same step. One all-reduce."""
@@ -150,30 +155,30 @@ class Distributed:
                 f"the replicas diverged: {first} differs from rank 0's on {int(mismatched.max())} rank(s)"
             )
 
-    def failure(self, cause: str, exc: BaseException) -> tuple[str, bool]:
-        """(the job's one-line reason for failing, whether this rank says it) after ``exc`` ended this rank.
+    def failure(self, exc: BaseException, message: str) -> tuple[str, str, bool]:
+        """(the job's one-line reason for failing, the error's type, whether this rank says it) after ``exc``
+        (described by ``message``) ended this rank.
 
-        The first rank to fail leaves ``rank R failed: cause`` in the rendezvous store and says it; the others
-        (whose collectives broke when it left) read it there. A rank lost without a word (killed outright)
-        is reported by rank 0 from its own error.
+        The first rank to fail leaves ``rank R failed: <type>: <message>`` in the rendezvous store and says
+        it; the others, whose collectives broke when it left, read it there. A rank lost without a word
+        (killed outright) is reported by rank 0 from its own error.
         """
-        record = self.peer_failure(wait=isinstance(exc, dist.DistError) or _is_collective_error(exc))
+        lost_peer = isinstance(exc, dist.DistError) or _is_collective_error(exc)
+        record = self.peer_failure(wait=lost_peer)
         if record is not None:
-            return record, False
-        message = f"rank {self.rank} failed: {cause}"
-        if not _is_collective_error(exc) and not isinstance(exc, dist.DistError):
-            self._record(message)
-            return message, True
-        return f"rank {self.rank} lost another rank: {cause}", self.is_main
-
-    def _record(self, message: str) -> None:
+            return record["message"], record["type"], False
+        error_type = type(exc).__name__
+        if lost_peer:
+            return f"rank {self.rank} lost another rank: {error_type}: {message}", error_type, self.is_main
+        record = {"message": f"rank {self.rank} failed: {error_type}: {message}", "type": error_type}
         try:
-            dist.distributed_c10d._get_default_store().set(FAILURE_KEY, message)
+            dist.distributed_c10d._get_default_store().set(FAILURE_KEY, json.dumps(record))
         except Exception:  # noqa: BLE001 - the store may be gone with rank 0; the line on stderr remains
             log.debug("could not record the failure in the rendezvous store", exc_info=True)
+        return record["message"], error_type, True
 
-    def peer_failure(self, wait: bool = False) -> str | None:
-        """The reason another rank recorded for leaving, waiting up to FAILURE_WAIT if ``wait``; None if none."""
+    def peer_failure(self, wait: bool = False) -> dict[str, str] | None:
+        """{message, type} another rank recorded for leaving, waiting up to FAILURE_WAIT if ``wait``; or None."""
         if not self.active:
             return None
         try:
@@ -182,7 +187,7 @@ class Distributed:
                 store.wait([FAILURE_KEY], FAILURE_WAIT)
             elif not store.check([FAILURE_KEY]):
                 return None
-            return store.get(FAILURE_KEY).decode()
+            return json.loads(store.get(FAILURE_KEY))
         except Exception:  # noqa: BLE001 - no record (a rank killed outright) or rank 0's store gone
             return None
 

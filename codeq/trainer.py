@@ -226,6 +226,7 @@ class Trainer:
                 if ranks.is_main:
                     stopped = EpochProgress(epoch, list(history.unbind(0)), progress.seen, progress.train_s)
                     save_checkpoint(self.checkpoint_path, self.state_dict(epoch - 1, stopped))
+                ranks.barrier()  # no rank exits (and has torchrun stop the others) before the checkpoint is whole
                 bar.close()
                 raise stop.interrupt(f"at epoch {epoch}, step {step} (counting from 0)", self.checkpoint_path)
         bar.close()

@@ -124,4 +124,4 @@ def test_a_crashing_rank_ends_the_job_with_one_line_naming_it(tmp_path):
     assert len(lines) == 1, proc.stderr
     assert lines[0].startswith("error: rank 1 failed: InjectedFault: injected fault at epoch 0, step 2")
     failed = json.loads((run_dir / "failed.json").read_text())
-    assert failed["error"].startswith("rank 1 failed: InjectedFault")
+    assert failed["error"] == lines[0].removeprefix("error: ") and failed["type"] == "InjectedFault"
