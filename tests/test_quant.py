@@ -15,6 +15,7 @@ from codeq.quant import (
     FakeQuantParametrization,
     StackedFakeQuant,
     UniformSymmetric,
+    WeightQuantizer,
     attach_weight_quantizers,
     quantized_layers,
     toggle_quantization,
@@ -387,3 +388,82 @@ def test_stacked_quantization_costs_the_same_ops_for_more_layers_of_a_shape():
         for _ in range(12):
             DeadZoneLDZCompander()(torch.randn(16, 16, 3, 3, requires_grad=True)).sum().backward()
     assert one_by_one.count > 6 * _ops_for_one_step(12, shapes=((16, 16, 3, 3),))
+
+
+# ----------------------------------------------------------------------------- fused vs plain, the contract
+
+
+@pytest.mark.parametrize("shape", [(16, 8, 3, 3), (10, 64)])
+@pytest.mark.parametrize("logit_dz,logit_bit", [(3.0, 3.0), (0.4, 0.4), (1.0, -0.2)])
+@pytest.mark.parametrize("learned_bits", [True, False])
+def test_fused_and_plain_deadzone_agree_in_values_and_gradients(shape, logit_dz, logit_bit, learned_bits):
+    torch.manual_seed(0)
+    w0, upstream = torch.randn(shape), torch.randn(shape)
+    results = []
+    for fused in (True, False):
+        quant = DeadZoneLDZCompander(
+            init_deadzone_logit=logit_dz, init_bit_logit=logit_bit, learnable_bit=learned_bits, fused=fused
+        )
+        w = w0.clone().requires_grad_()
+        out = quant(w)
+        (out * upstream).sum().backward()
+        results.append((out.detach(), w.grad, quant.logit_dz.grad, quant.logit_bit.grad))
+    (fused_out, fused_w, fused_dz, fused_bit), (plain_out, plain_w, plain_dz, plain_bit) = results
+    torch.testing.assert_close(fused_out, plain_out, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(fused_w, plain_w, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(fused_dz, plain_dz, rtol=1e-3, atol=1e-5)
+    if learned_bits:
+        torch.testing.assert_close(fused_bit, plain_bit, rtol=1e-3, atol=1e-5)
+    else:
+        assert fused_bit is None and plain_bit is None
+
+
+def test_plain_deadzone_is_not_stacked_and_trains_the_same_step():
+    torch.manual_seed(0)
+    x = torch.randn(4, 3, 32, 32)
+    grads = []
+    for fused in (True, False):
+        torch.manual_seed(1)
+        model = resnet20()
+        attach_weight_quantizers(model, ["conv1", "linear"], DeadZoneLDZCompander, {"fused": fused})
+        with StackedFakeQuant(model).cached():
+            model(x).square().mean().backward()
+        grads.append([p.grad for p in model.parameters()])
+    assert DeadZoneLDZCompander(fused=False).stack_key() is None
+    for fused_grad, plain_grad in zip(*grads):
+        torch.testing.assert_close(fused_grad, plain_grad, rtol=1e-4, atol=1e-6)
+
+
+class HalvingQuantizer(WeightQuantizer):
+    """A toy quantizer through the documented interface only: ŵ = sign(w)·α·|w|/2 with a learned gain α."""
+
+    def __init__(self, bits: int = 3):
+        super().__init__()
+        self.bits = bits
+        self.gain = nn.Parameter(torch.ones(()))
+
+    def forward(self, w):
+        return self.gain * w / 2
+
+    def get_bitwidth(self):
+        return torch.tensor(float(self.bits))
+
+    def param_groups(self):
+        return {"bits": [self.gain]}
+
+
+def test_a_new_quantizer_through_the_documented_interface(tmp_path):
+    from codeq.cost import Evaluator
+
+    model = nn.Sequential(nn.Conv2d(3, 4, 3, bias=False), nn.Flatten(), nn.Linear(4 * 6 * 6, 2))
+    evaluator = Evaluator(model, input_size=(3, 8, 8))
+    assert attach_weight_quantizers(model, ["2"], HalvingQuantizer, {"bits": 3}) == ["0"]
+    latent = model[0].parametrizations.weight.original
+    torch.testing.assert_close(model[0].weight, latent / 2)
+    groups = parameter_groups(model)
+    assert [len(groups[name]) for name in ("weights", "deadzone", "bits")] == [3, 0, 1]
+    result = evaluator.evaluate(model)
+    conv = result.structured_stats.by_name()["0"]
+    assert conv.bitwidth == 3 and conv.bops == conv.macs * 3 * 32
+    with pytest.raises(TypeError, match="abstract"):
+        type("Incomplete", (WeightQuantizer,), {"forward": lambda self, w: w})()

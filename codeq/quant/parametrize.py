@@ -34,6 +34,11 @@ class FakeQuantParametrization(nn.Module):
         return self.quantizer(weight)
 
 
+def no_quantizer() -> None:
+    """quantizer=none: no factory, so no layer is quantized (the dense 32-bit model; the step pays nothing)."""
+    return None
+
+
 def _is_excluded(name: str, patterns: Iterable[str]) -> bool:
     return any(name == p or fnmatch.fnmatchcase(name, p) for p in patterns)
 
@@ -105,10 +110,10 @@ class StackedFakeQuant:
     """``parametrize.cached()`` for a fake-quantized model, with its quantized weights computed in stacked passes.
 
     Inside ``cached()`` every quantized weight is computed once, as with ``parametrize.cached()``. Layers whose
-    quantizers offer ``quantize_stacked`` are quantized together, one call per quantizer class, ``stack_key``,
-    dtype and device, with the weights of one shape stacked (ResNet-20's 18 block convs: one call, 5 stacks);
-    other quantizers run one by one on first use. The layers are looked up once, here: build it after
-    attaching the quantizers.
+    quantizers offer ``quantize_stacked`` and a ``stack_key()`` other than None are quantized together, one call
+    per quantizer class, key, dtype and device, with the weights of one shape stacked (ResNet-20's 18 block
+    convs: one call, 5 stacks); other quantizers run one by one on first use. The layers are looked up once,
+    here: build it after attaching the quantizers.
     """
 
     def __init__(self, model: nn.Module):
@@ -118,9 +123,10 @@ class StackedFakeQuant:
         """The stackable layers, by quantize_stacked call and, inside one, by weight shape."""
         batches: dict[tuple, dict] = defaultdict(lambda: defaultdict(list))
         for fq, chain in self.layers:
-            if fq.enabled and len(chain) == 1 and hasattr(fq.quantizer, "quantize_stacked"):
+            key = fq.quantizer.stack_key() if hasattr(fq.quantizer, "quantize_stacked") else None
+            if fq.enabled and len(chain) == 1 and key is not None:
                 w = chain.original
-                batches[(type(fq.quantizer), fq.quantizer.stack_key(), w.dtype, w.device)][w.shape].append((fq, w))
+                batches[(type(fq.quantizer), key, w.dtype, w.device)][w.shape].append((fq, w))
         return list(batches.values())
 
     @contextlib.contextmanager

@@ -14,6 +14,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from codeq.quant.base import WeightQuantizer
+from codeq.quant.reference import deadzone_reference
+
 
 def round_ste(x: torch.Tensor) -> torch.Tensor:
     """round(x) forward, identity backward."""
@@ -168,13 +171,15 @@ class _DeadZoneLDZ(torch.autograd.Function):
         return logit_grads.get("dz"), logit_grads.get("bit"), None, None, None, None, *grad_ws
 
 
-class DeadZoneLDZCompander(nn.Module):
+class DeadZoneLDZCompander(WeightQuantizer):
     """CoDeQ dead-zone quantizer with learnable dead-zone width and bit-width (layer-wise).
 
     d = 2·absmax·(1 − |tanh θ_dz|),  Q_b = 2^(b−1) − 1,  s = (absmax − d/2)/(Q_b − ½) + 1e-8,
     δ = d/2 − s/2,  w̄ = clip(round(sign(w)·relu(|w| − δ)/s), −Q_b, Q_b),  ŵ = s·w̄ + δ·sign(w̄),
     b = round(tanh|θ_bit|·(max_bits − 2) + 2) when learned, else ``fixed_bit_val``.
     Every |w| ≤ d/2 maps to exactly 0: the dead zone is magnitude pruning.
+    ``fused`` (default) computes ŵ and its gradients in one hand-derived node, stacked over layers;
+    ``fused=False`` runs the paper's equations as written (codeq.quant.reference), one layer at a time.
     """
 
     min_bits = 2
@@ -187,6 +192,7 @@ class DeadZoneLDZCompander(nn.Module):
         init_deadzone_logit: float = 3.0,
         learnable_bit: bool = True,
         learnable_deadzone: bool = True,
+        fused: bool = True,
     ):
         super().__init__()
         if not self.min_bits <= max_bits:
@@ -197,6 +203,7 @@ class DeadZoneLDZCompander(nn.Module):
         self.max_bits = int(max_bits)
         self.learnable_bit = bool(learnable_bit)
         self.learnable_deadzone = bool(learnable_deadzone)
+        self.fused = bool(fused)
         self.logit_dz = nn.Parameter(torch.tensor(float(init_deadzone_logit)), requires_grad=learnable_deadzone)
         self.logit_bit = nn.Parameter(torch.tensor(float(init_bit_logit)), requires_grad=learnable_bit)
 
@@ -226,11 +233,18 @@ class DeadZoneLDZCompander(nn.Module):
         return self.deadzone_width(w).detach().cpu()
 
     def forward(self, w: torch.Tensor) -> torch.Tensor:
+        if not self.fused:
+            fixed_bits = None if self.learnable_bit else self.fixed_bit_val
+            return deadzone_reference(
+                w, self.logit_dz, self.logit_bit, robust_absmax(w), self.max_bits, self.min_bits, fixed_bits
+            )
         (w_hat,) = self.quantize_stacked([self], [w.unsqueeze(0)])
         return w_hat.squeeze(0)
 
-    def stack_key(self) -> tuple:
-        """Quantizers with equal keys may quantize their layers together: ``quantize_stacked``."""
+    def stack_key(self) -> tuple | None:
+        """Quantizers with equal keys may quantize their layers together (``quantize_stacked``); None: unfused."""
+        if not self.fused:
+            return None
         return (self.fixed_bit_val, self.max_bits, self.learnable_bit, self.learnable_deadzone)
 
     @classmethod
@@ -257,7 +271,7 @@ class DeadZoneLDZCompander(nn.Module):
         )
 
 
-class UniformSymmetric(nn.Module):
+class UniformSymmetric(WeightQuantizer):
     """Plain symmetric uniform quantizer for baselines: s = max|w| / Q_b, ŵ = s·clip(round(w/s), −Q_b, Q_b)."""
 
     def __init__(self, bitwidth: int = 8):
@@ -265,10 +279,6 @@ class UniformSymmetric(nn.Module):
         if bitwidth < 2:
             raise ValueError(f"bitwidth must be >= 2, got {bitwidth}")
         self.bits = int(bitwidth)
-
-    def param_groups(self) -> dict[str, list[nn.Parameter]]:
-        """No learned parameters."""
-        return {}
 
     @torch.no_grad()
     def get_bitwidth(self) -> torch.Tensor:
