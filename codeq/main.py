@@ -46,6 +46,9 @@ log = logging.getLogger("codeq.main")
 # An absolute path: Hydra resolves a relative one against the *module* codeq.main under `python -m`,
 # where "../conf" would name a package that does not exist. conf/ lives beside the codeq package.
 CONF_DIR = str(Path(__file__).resolve().parents[1] / "conf")
+# The one convention for keys of a group that are not arguments of its _target_: they are read here, by
+# codeq.main, and dropped before instantiation. Each group YAML marks them with "# run key".
+RUN_KEYS = {"quantizer": ("exclude_layers",), "sparsity": ("weight",)}
 EXIT_BAD_INPUT = 2
 EXIT_FAILED = 1
 # A data-parallel rank other than 0 started by `cli` gets rank 0's run dir before Hydra starts.
@@ -56,10 +59,10 @@ class JobFailed(CompactHydraException):
     """A multirun job's one-line failure: Hydra records it, runs the other jobs, then prints the line."""
 
 
-def instantiate_group(cfg: DictConfig, group: str, drop: tuple[str, ...] = (), **kwargs: Any) -> Any:
-    """``hydra.utils.instantiate(cfg[group])`` without the keys in ``drop``; bad values -> ConfigError."""
+def instantiate_group(cfg: DictConfig, group: str, **kwargs: Any) -> Any:
+    """``hydra.utils.instantiate(cfg[group])`` without the group's RUN_KEYS; bad values -> ConfigError."""
     node = OmegaConf.to_container(cfg[group], resolve=True)
-    for key in drop:
+    for key in RUN_KEYS.get(group, ()):
         node.pop(key, None)
     try:
         return hydra.utils.instantiate(node, **kwargs)
@@ -108,9 +111,9 @@ def attach_quantizers(cfg: DictConfig, model: nn.Module) -> list[str]:
     exclude = [] if exclude is None else first_and_last_layers(model) if exclude == "auto" else exclude
     if not isinstance(exclude, (list, ListConfig)) or not all(isinstance(name, str) for name in exclude):
         raise ConfigError(f"quantizer.exclude_layers must be auto or a list of module names or globs, got {exclude!r}")
-    if cfg.quantizer.get("_target_") is None:
+    factory = instantiate_group(cfg, "quantizer")
+    if factory is None:
         return []
-    factory = instantiate_group(cfg, "quantizer", drop=("exclude_layers",))
     try:
         return attach_weight_quantizers(model, exclude_layers=list(exclude), quantizer=factory)
     except (ValueError, TypeError) as exc:
@@ -137,7 +140,7 @@ def sparsity_of(cfg: DictConfig) -> tuple[Any, float]:
         raise ConfigError(f"sparsity.weight must be a finite number >= 0, got {weight!r}")
     if weight == 0:
         return None, 0.0
-    return instantiate_group(cfg, "sparsity", drop=("weight",)), float(weight)
+    return instantiate_group(cfg, "sparsity"), float(weight)
 
 
 def shape_from_data(cfg: DictConfig, data: Any) -> None:

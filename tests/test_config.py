@@ -46,6 +46,7 @@ def test_every_group_has_its_options():
     assert options("lr_scheduler") == ["constant", "cosine", "cosine_warmup", "step"]
     assert options("logger") == ["csv", "none", "wandb"]
     assert set(options("experiment")) >= {"paper_resnet20_cifar10", "paper_resnet20_cifar10_4bit", "quickstart"}
+    assert set(options("experiment")) >= {"baseline", "group_lasso_delay50", "block_lasso_cosine", "l1_kernel_delay50"}
     for group in (
         "model",
         "dataset",
@@ -58,7 +59,7 @@ def test_every_group_has_its_options():
         "logger",
     ):
         for option in options(group):
-            assert "_target_" in OmegaConf.load(CONF / group / f"{option}.yaml"), f"{group}/{option}"
+            assert make_cfg(f"{group}={option}")[group].get("_target_"), f"{group}/{option}"
 
 
 def test_defaults_and_run_dirs():
@@ -240,6 +241,41 @@ def test_paper_presets():
     four_bit = make_cfg("experiment=paper_resnet20_cifar10_4bit")
     assert four_bit.quantizer.learnable_bit is False and four_bit.quantizer.fixed_bit_val == 4
     assert (four_bit.dataset.batch_size, four_bit.trainer.epochs) == (512, 300)
+
+
+@pytest.mark.parametrize(
+    "preset, sparsity, weight, schedule",
+    [
+        ("baseline", "codeq.sparsity.no_sparsity", 0.0, {"_target_": "codeq.schedules.constant", "value": 1.0}),
+        (
+            "group_lasso_delay50",
+            "codeq.sparsity.group_lasso_channels",
+            5e-4,
+            {"_target_": "codeq.schedules.linear_warmup", "delay": 50, "ramp": 50},
+        ),
+        (
+            "block_lasso_cosine",
+            "codeq.sparsity.group_lasso_blocks",
+            1e-3,
+            {"_target_": "codeq.schedules.cosine_anneal", "delay": 30},
+        ),
+        (
+            "l1_kernel_delay50",
+            "codeq.sparsity.l1_kernel_sparsity",
+            3e-5,
+            {"_target_": "codeq.schedules.linear_warmup", "delay": 50, "ramp": 50},
+        ),
+    ],
+)
+def test_example_presets_are_the_paper_run_with_a_loss_and_schedule(preset, sparsity, weight, schedule):
+    cfg = make_cfg(f"experiment={preset}")
+    paper = make_cfg("experiment=paper_resnet20_cifar10")
+    assert (cfg.sparsity._target_, cfg.sparsity.weight) == (sparsity, weight)
+    assert OmegaConf.to_container(cfg.schedule) == schedule
+    for group in ("model", "dataset", "quantizer", "optimizer", "lr_scheduler", "trainer"):
+        assert cfg[group] == paper[group], group
+    if preset == "block_lasso_cosine":
+        assert cfg.sparsity.block_size == 4
 
 
 def test_quickstart_preset():
