@@ -23,25 +23,32 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
+from hydra import compose, initialize_config_dir
+from omegaconf import DictConfig
 from torch import nn
 from torch.nn.utils import parametrize
 
-from codeq import models, sparsity
+from codeq import models
+from codeq.cost import Evaluator
 from codeq.data import synthetic
-from codeq.evaluator import Evaluator
-from codeq.optim import adamw
+from codeq.main import CONF_DIR, instantiate_group, sparsity_of
 from codeq.quant import DeadZoneLDZCompander, StackedFakeQuant, attach_weight_quantizers, quantized_layers
 from codeq.rundir import read_metrics
 from codeq.step import TrainingStep
 
 EXCLUDE = ["conv1", "linear"]
-# each loss with its default strength λ from conf/sparsity/
-LOSSES = {
-    "group_lasso": (sparsity.group_lasso_channels, 5e-4),
-    "group_lasso_blocks": (sparsity.group_lasso_blocks(4), 1e-3),
-    "l1_kernel": (sparsity.l1_kernel_sparsity, 3e-5),
-}
+LOSSES = ("group_lasso", "group_lasso_blocks", "l1_kernel")  # conf/sparsity options, each with its default λ
+
+
+def composed(*overrides: str) -> DictConfig:
+    """The real run config (conf/config.yaml) with ``overrides``, as ``python -m codeq.main`` composes it."""
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        return compose("config", overrides=list(overrides))
+
+
+def sparsity_loss(name: str) -> tuple[Callable[[nn.Module], torch.Tensor], float]:
+    """(loss fn, λ) of conf/sparsity/<name>.yaml."""
+    return sparsity_of(composed(f"sparsity={name}"))
 
 
 def _sync(device: torch.device) -> None:
@@ -78,28 +85,17 @@ QUANTIZED_WEIGHTS = {  # how a step computes its quantized weights, by variant
 
 
 def make_step(
-    model: nn.Module, loss: tuple | None, batch: int, device: torch.device, quantized_weights: str = "stacked"
-) -> Callable[[], None]:
-    """One training step as the trainer takes it: forward, CE (+ λ·sparsity for ``loss`` = (fn, λ)), backward,
-    the trainer's AdamW; the quantized weights computed as ``QUANTIZED_WEIGHTS[quantized_weights]``."""
-    optimizer = adamw(
-        model, lr=1e-3, weight_decay=0.0, lr_dz=1e-3, weight_decay_dz=0.01, lr_bit=1e-3, weight_decay_bit=0.01
-    )
-    context = QUANTIZED_WEIGHTS[quantized_weights](model)
+    model: nn.Module, loss: str | None, batch: int, device: torch.device, quantized_weights: str = "stacked"
+) -> Callable[[], torch.Tensor]:
+    """One training step as the trainer takes it (codeq.step.TrainingStep, the configured optimizer) with the
+    sparsity loss ``loss`` (a conf/sparsity option, None: none); quantized weights as ``QUANTIZED_WEIGHTS``."""
+    cfg = composed(f"sparsity={loss or 'none'}")
+    sparsity_fn, weight = sparsity_of(cfg)
+    step = TrainingStep(model, instantiate_group(cfg, "optimizer")(model), sparsity_fn)
+    step.quantized_weights = QUANTIZED_WEIGHTS[quantized_weights](model)
     x = torch.randn(batch, 3, 32, 32, device=device)
     y = torch.randint(0, 10, (batch,), device=device)
-
-    def step() -> None:
-        with context():
-            total = F.cross_entropy(model(x), y)
-            if loss is not None:
-                loss_fn, strength = loss
-                total = total + strength * loss_fn(model)
-        optimizer.zero_grad(set_to_none=True)
-        total.backward()
-        optimizer.step()
-
-    return step
+    return functools.partial(step, x, y, weight)
 
 
 def bench_training_step(batch: int, repeats: int, warmup: int, device: torch.device) -> dict:
@@ -109,11 +105,11 @@ def bench_training_step(batch: int, repeats: int, warmup: int, device: torch.dev
         "plain": make_step(build_model("resnet20", False, device), None, batch, device),
         "deadzone": make_step(build_model("resnet20", True, device), None, batch, device),
     }
-    for name, loss in LOSSES.items():
-        variants[f"deadzone+{name}"] = make_step(build_model("resnet20", True, device), loss, batch, device)
+    for name in LOSSES:
+        variants[f"deadzone+{name}"] = make_step(build_model("resnet20", True, device), name, batch, device)
     for how in ("layer by layer", "uncached"):
         variants[f"deadzone+group_lasso, {how}"] = make_step(
-            build_model("resnet20", True, device), LOSSES["group_lasso"], batch, device, how
+            build_model("resnet20", True, device), "group_lasso", batch, device, how
         )
     medians = alternate(variants, repeats, warmup, device)
     return {name: {"seconds": t, "ratio_to_plain": t / medians["plain"]} for name, t in medians.items()}
@@ -135,7 +131,7 @@ def bench_vs_step(repeats: int, warmup: int, device: torch.device) -> dict:
         return run
 
     fns = {"training step": make_step(model, None, 128, device), "evaluator": lambda: evaluator.evaluate(model)}
-    fns.update({f"{name} loss fwd+bwd": loss_alone(loss_fn) for name, (loss_fn, _) in LOSSES.items()})
+    fns.update({f"{name} loss fwd+bwd": loss_alone(sparsity_loss(name)[0]) for name in LOSSES})
     medians = alternate(fns, repeats, warmup, device)
     return {name: {"seconds": t, "ratio_to_step": t / medians["training step"]} for name, t in medians.items()}
 
