@@ -43,8 +43,8 @@ FASHION_MNIST_FILES = {
     "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"),
 }
 
-# Per-channel (mean, std) of the training images in [0, 1]. CIFAR-10's are the user's plan's
-# (the widely used kuangliu constants); CIFAR-100's and Fashion-MNIST's are the datasets' statistics.
+# Per-channel (mean, std) of the training images in [0, 1]. CIFAR-10's are the widely used kuangliu
+# constants; CIFAR-100's and Fashion-MNIST's are the datasets' statistics.
 CIFAR10_NORMALIZATION = ((0.4914, 0.4822, 0.4465), (0.2023, 0.1994, 0.2010))
 CIFAR100_NORMALIZATION = ((0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762))
 FASHION_MNIST_NORMALIZATION = ((0.2860,), (0.3530,))

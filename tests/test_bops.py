@@ -1,4 +1,4 @@
-"""MACs/BOPs of single layers and small models: the plan's Task-1 tests plus the structured rules."""
+"""MACs/BOPs of single layers and small models: the public helpers' contract plus the structured rules."""
 
 import logging
 import math
@@ -141,7 +141,7 @@ def test_structured_nonzero_bias_keeps_a_zero_filter_alive():
     assert _compute_null_output_channels(weight, NullChannels.none(2), bias) == NullChannels({0, 2}, 3)
 
 
-# ----------------------------------------------------------------------------- unstructured (plan, verbatim)
+# ----------------------------------------------------------------------------- unstructured
 
 
 def test_unstructured_macs_dense():

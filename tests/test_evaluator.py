@@ -19,7 +19,7 @@ from codeq.evaluator import (
 )
 from codeq.quant import UniformSymmetric, attach_weight_quantizers
 
-# ----------------------------------------------------------------------------- the plan's tests, verbatim
+# ----------------------------------------------------------------------------- the public Evaluator API
 
 
 def test_evaluator_dense_baseline():
@@ -40,10 +40,8 @@ def test_evaluator_scattered_zeros():
     """Scattered zeros: unstructured ratio > structured ratio.
 
     Zero half the weights in each filter (no full channels die).
-    Structured sees no savings; unstructured sees ~2x.
-    (The plan zeroed the first half of the whole flattened tensor, which kills whole filters of both
-    layers, and then structured counting rightly sees more savings; the loop below does what this
-    docstring says, as the plan's own Task-1 gap test does.)
+    Structured sees no savings; unstructured sees ~2x. (Zeroing the first half of the whole flattened
+    tensor instead would kill whole filters, and structured counting would rightly see savings too.)
     """
     model = TinyConvNet()
     nn.init.ones_(model.conv1.weight)

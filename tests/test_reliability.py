@@ -1,4 +1,4 @@
-"""Issue 8 through the CLI: kill and resume exactly, corrupt checkpoints, signals, divergence, bad input."""
+"""Reliability through the CLI: kill and resume exactly, corrupt checkpoints, signals, divergence, bad input."""
 
 import json
 import math

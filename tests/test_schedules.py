@@ -13,7 +13,7 @@ from codeq.schedules import constant, cosine_anneal, linear_warmup
 SCHEDULE_CONF = Path(__file__).resolve().parents[1] / "conf" / "schedule"
 
 
-# --- the plan's tests (Task 2), verbatim but for the import path ---
+# --- the public schedules' contract ---
 
 
 def test_constant_always_returns_value():
@@ -83,7 +83,7 @@ def test_cosine_anneal_with_delay():
     assert abs(fn(99, 100) - 1.0) < 0.02
 
 
-# --- beyond the plan ---
+# --- edge cases and validation ---
 
 
 def test_constant_defaults_to_one():
@@ -184,7 +184,7 @@ def test_linear_warmup_yaml_ramps_over_three_epochs():
     assert [fn(e, 10) for e in range(5)] == [0.0, 1 / 3, 2 / 3, 1.0, 1.0]
 
 
-def test_linear_warmup_yaml_overrides_like_the_plan():
+def test_linear_warmup_yaml_overrides_for_a_300_epoch_run():
     fn = _instantiate("linear_warmup", "delay=50", "ramp=50")
     assert [fn(e, 300) for e in (49, 50, 75, 100)] == [0.0, 0.0, 0.5, 1.0]
 

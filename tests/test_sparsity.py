@@ -25,7 +25,7 @@ from codeq.sparsity import (
 SPARSITY_CONF = Path(__file__).resolve().parents[1] / "conf" / "sparsity"
 
 
-# --- the plan's tests (Task 3), verbatim but for the import path ---
+# --- the public losses' contract ---
 
 
 def test_group_lasso_channels_zero_model():
@@ -129,7 +129,7 @@ def test_l1_kernel_sparsity_value():
     assert abs(loss.item() - 396.0) < 1e-4
 
 
-# --- beyond the plan ---
+# --- against reference loops, devices, validation ---
 
 
 def _ones(model):
@@ -150,8 +150,8 @@ class OddChannelNet(nn.Module):
         self.linear = nn.Linear(5, 3)
 
 
-def _plan_group_lasso_blocks(model, block_size):
-    """The plan's reference loop over blocks, for comparison."""
+def _loop_group_lasso_blocks(model, block_size):
+    """A reference loop over blocks, for comparison."""
     loss = torch.tensor(0.0, dtype=torch.float64)
     for m in model.modules():
         if isinstance(m, nn.Conv2d):
@@ -161,8 +161,8 @@ def _plan_group_lasso_blocks(model, block_size):
     return loss
 
 
-def _plan_group_lasso_channels(model):
-    """The plan's reference: L2 norm per output filter, summed."""
+def _loop_group_lasso_channels(model):
+    """A reference loop: L2 norm per output filter, summed."""
     loss = torch.tensor(0.0, dtype=torch.float64)
     for m in model.modules():
         if isinstance(m, nn.Conv2d):
@@ -177,21 +177,21 @@ def _value_and_grads(model, fn):
 
 
 @pytest.mark.parametrize("block_size", [1, 2, 3, 4, 6, 8, 16])
-def test_blocks_match_the_plans_loop_in_value_and_gradient(block_size):
+def test_blocks_match_a_loop_in_value_and_gradient(block_size):
     torch.manual_seed(block_size)
     model = OddChannelNet().double()
     loss, grads = _value_and_grads(model, group_lasso_blocks(block_size))
-    ref_loss, ref_grads = _value_and_grads(model, lambda m: _plan_group_lasso_blocks(m, block_size))
+    ref_loss, ref_grads = _value_and_grads(model, lambda m: _loop_group_lasso_blocks(m, block_size))
     torch.testing.assert_close(loss, ref_loss, rtol=1e-12, atol=0)
     for g, ref in zip(grads, ref_grads):
         torch.testing.assert_close(g, ref, rtol=1e-12, atol=1e-15)
 
 
-def test_channels_match_the_plans_loop_in_value_and_gradient():
+def test_channels_match_a_loop_in_value_and_gradient():
     torch.manual_seed(0)
     model = OddChannelNet().double()
     loss, grads = _value_and_grads(model, group_lasso_channels)
-    ref_loss, ref_grads = _value_and_grads(model, _plan_group_lasso_channels)
+    ref_loss, ref_grads = _value_and_grads(model, _loop_group_lasso_channels)
     torch.testing.assert_close(loss, ref_loss, rtol=1e-12, atol=0)
     for g, ref in zip(grads, ref_grads):
         torch.testing.assert_close(g, ref, rtol=1e-12, atol=1e-15)
