@@ -234,9 +234,7 @@ def bench_evaluator_resnet50(batch: int, repeats: int, warmup: int, device: torc
     model = models.torchvision_model("resnet50", 1000, (3, 224, 224))
     attach_weight_quantizers(model, models.first_and_last_layers(model), DeadZoneLDZCompander, {})
     model.to(device)
-    optimizer = adamw(
-        model, lr=1e-4, weight_decay=0.0, lr_dz=1e-4, weight_decay_dz=0.02, lr_bit=1e-4, weight_decay_bit=0.05
-    )
+    optimizer = instantiate_group(composed("experiment=paper_resnet50_imagenet"), "optimizer")(model)
     step = TrainingStep(model, optimizer)
     x = torch.randn(batch, 3, 224, 224, device=device)
     y = torch.randint(0, 1000, (batch,), device=device)
