@@ -13,7 +13,6 @@ from __future__ import annotations
 import gzip
 import logging
 import math
-import pickle
 import struct
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -27,6 +26,7 @@ import torch.nn.functional as F
 from torch.utils.data import BatchSampler, DataLoader, Dataset, RandomSampler, SequentialSampler, default_collate
 
 from codeq.errors import ConfigError, DatasetNotFoundError
+from codeq.safepickle import load_data_pickle
 
 log = logging.getLogger(__name__)
 
@@ -437,8 +437,10 @@ def _read_cifar_batches(paths: Sequence[Path]) -> Split:
     """Concatenate CIFAR python-pickle batch files: dicts with ``data`` (N x 3072 uint8) and labels."""
     images, labels = [], []
     for path in paths:
-        with open(path, "rb") as f:
-            entry = {k.decode() if isinstance(k, bytes) else k: v for k, v in pickle.load(f, encoding="bytes").items()}
+        batch = load_data_pickle(path)
+        if not isinstance(batch, dict):
+            raise ConfigError(f"{path} is not a CIFAR batch (a pickled dict); check dataset.root")
+        entry = {k.decode() if isinstance(k, bytes) else k: v for k, v in batch.items()}
         images.append(np.asarray(entry["data"], dtype=np.uint8).reshape(-1, 3, 32, 32))
         labels.append(np.asarray(entry["labels"] if "labels" in entry else entry["fine_labels"], dtype=np.int64))
     return Split(torch.from_numpy(np.concatenate(images)), torch.from_numpy(np.concatenate(labels)))

@@ -38,7 +38,8 @@ from codeq.models import first_and_last_layers
 from codeq.plots import compression_figures
 from codeq.quant import attach_weight_quantizers, quantized_layers
 from codeq.resume import TrainingInterrupted
-from codeq.rundir import RunFiles
+from codeq.rundir import RunFileError, RunFiles
+from codeq.runlock import RunDirBusy, RunDirLock
 from codeq.trainer import Trainer, TrainerConfig, TrainingDiverged
 
 log = logging.getLogger("codeq.main")
@@ -293,9 +294,7 @@ def end(
     """Record how the job ended (rank 0: summary.json, and failed.json with ``error_type``), then ``stop``.
     By default rank 0 alone says it: every rank ends the same way."""
     if ranks.is_main:
-        files.write_summary(status, message)
-        if error_type is not None:
-            files.write_failed(message, error_type)
+        record_ending(files, status, message, error_type)
     stop(code, message, quiet=not ranks.is_main if quiet is None else quiet)
 
 
@@ -330,16 +329,21 @@ def two_objective_cost(cfg: DictConfig, hydra_cfg: DictConfig) -> str | None:
 
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="config")
 def main(cfg: DictConfig) -> float | tuple[float, float] | None:
-    """One job: build, train, print the final table; every ending leaves the run dir consistent.
-
-    Returns the best accuracy, or to a two-objective sweeper the final (accuracy, Rel. BOPs %).
+    """One job: lock the run dir (rank 0), build, train, print the final table; every ending leaves the dir
+    consistent. Returns the best accuracy, or to a two-objective sweeper the final (accuracy, Rel. BOPs %).
     """
     hydra_cfg = HydraConfig.get()
     ranks = distributed.setup()
     run_dir = shared_run_dir(ranks, Path(hydra_cfg.runtime.output_dir))
     if not ranks.is_main:
         log_as_replica(run_dir)
-    files = RunFiles(run_dir, epochs=OmegaConf.select(cfg, "trainer.epochs", default=None))
+    lock = RunDirLock(run_dir) if ranks.is_main else None
+    if lock is not None:
+        try:
+            lock.acquire()
+        except (RunDirBusy, OSError) as exc:  # nothing of the other process's run is touched
+            stop(EXIT_FAILED, one_line(exc))
+    files = RunFiles(run_dir)  # its epochs come with the trainer: an unchecked value must not reach summary.json
     logger: Logger | None = None
     status = "failed"
     try:
@@ -360,17 +364,20 @@ def main(cfg: DictConfig) -> float | tuple[float, float] | None:
         end(ranks, files, status, 128 + exc.signum, one_line(exc))
     except KeyboardInterrupt:
         status = "interrupted"
-        message = f"aborted by the user; the last checkpoint (if any) is {run_dir / CHECKPOINT_FILE}"
+        message = f"aborted by the user; {checkpoint_note(run_dir)}"
         end(ranks, files, status, 130, message)
     except TrainingDiverged as exc:
         status = "diverged"
         end(ranks, files, status, EXIT_FAILED, one_line(exc), type(exc).__name__)
+    except RunFileError as exc:
+        advice = f"free space or fix permissions, then {resume_hint(run_dir)}"
+        message = f"{one_line(exc)}; {checkpoint_note(run_dir)}; {advice}"
+        end(ranks, files, status, EXIT_FAILED, message, type(exc).__name__)
     except (ConfigError, OmegaConfBaseException) as exc:
         end(ranks, files, status, EXIT_BAD_INPUT, one_line(exc), type(exc).__name__)
     except Exception as exc:
         if not ranks.active:
-            files.write_summary(status, one_line(exc))
-            files.write_failed(one_line(exc), type(exc).__name__)
+            record_ending(files, status, one_line(exc), type(exc).__name__)
             raise
         # one line naming the rank that failed first and why, said by that rank; the traceback at debug level.
         # torchrun stops the other ranks with SIGTERM once one exits: rank 0 first records the failure.
@@ -382,6 +389,40 @@ def main(cfg: DictConfig) -> float | tuple[float, float] | None:
     finally:
         if logger is not None:
             logger.finish(status)
+        if lock is not None:
+            lock.release()
+
+
+def record_ending(files: RunFiles | None, status: str, message: str, error_type: str | None = None) -> None:
+    """summary.json (and failed.json when ``error_type`` is given) for a job ending early.
+
+    The error being reported matters more than these files: a failure to write them (disk full, a
+    metrics.jsonl that cannot be read) is logged on one line and never replaces that error.
+    """
+    if files is None:
+        log.error("summary.json not written: the run dir's metrics.jsonl could not be read")
+        return
+    try:
+        files.write_summary(status, message)
+        if error_type is not None:
+            files.write_failed(message, error_type)
+    except Exception as exc:
+        log.error("could not record the job's end in %s: %s", files.run_dir, one_line(exc))
+
+
+def checkpoint_note(run_dir: Path) -> str:
+    """Where the run's checkpoint is — only when the file exists."""
+    path = run_dir / CHECKPOINT_FILE
+    if path.exists():
+        return f"the last checkpoint {path} is intact"
+    return f"no checkpoint was written ({path} does not exist)"
+
+
+def resume_hint(run_dir: Path) -> str:
+    """The command that continues this job: the same one plus trainer.resume=true (a sweep: the same sweep)."""
+    if HydraConfig.get().mode == RunMode.MULTIRUN:
+        return "re-run the same multirun command with trainer.resume=true"
+    return f"re-run the same command with trainer.resume=true hydra.run.dir={run_dir}"
 
 
 def hydra_quoted(value: str) -> str:

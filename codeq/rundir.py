@@ -1,10 +1,13 @@
 """The run dir's plain files: metrics.jsonl, summary.json, failed.json and the figures (README "What a run writes").
 
 They are written whatever logger is chosen and are the source of truth for tests, resume and the report.
+A write that fails (disk full, read-only dir) raises RunFileError naming the file and the OS error and
+leaves what was there before intact: the old file for atomic writes, the earlier rows for metrics.jsonl.
 """
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import logging
@@ -22,18 +25,36 @@ FAILED_FILE = "failed.json"
 FIGURES_DIR = "figures"
 
 
+class RunFileError(OSError):
+    """A run-dir file could not be written; the message names it and the OS error."""
+
+    def __init__(self, path: Path, error: OSError):
+        reason = error.strerror or str(error) or type(error).__name__
+        super().__init__(error.errno, f"cannot write {path}: {reason}" + (f" (errno {error.errno})" if error.errno else ""))
+        self.path = Path(path)
+
+    def __str__(self) -> str:
+        return self.strerror
+
+
 def atomic_write_bytes(path: Path, data: bytes) -> None:
     """Write ``data`` to ``path`` so a reader sees the old file or the new one, never half of one.
 
-    temp file in the same dir -> fsync -> rename over ``path`` -> fsync the dir.
+    temp file in the same dir -> fsync -> rename over ``path`` -> fsync the dir. On an OSError the temp
+    file is removed and RunFileError is raised; ``path`` keeps its previous content.
     """
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError as exc:
+        with contextlib.suppress(OSError):
+            tmp.unlink(missing_ok=True)
+        raise RunFileError(path, exc) from None
     fsync_dir(path.parent)
 
 
@@ -106,11 +127,27 @@ class RunFiles:
             self.failed_path.unlink()
 
     def append(self, row: dict[str, Any]) -> None:
-        """Append one epoch's row and make it durable before anything else about the epoch is written."""
-        with open(self.metrics_path, "a") as f:
-            f.write(json.dumps(row) + "\n")
-            f.flush()
-            os.fsync(f.fileno())
+        """Append one epoch's row and make it durable before anything else about the epoch is written.
+
+        If the write fails the file is cut back to its previous rows and RunFileError is raised.
+        """
+        line = (json.dumps(row) + "\n").encode()
+        try:
+            fd = os.open(self.metrics_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        except OSError as exc:
+            raise RunFileError(self.metrics_path, exc) from None
+        try:
+            size = os.fstat(fd).st_size
+            written = 0
+            while written < len(line):
+                written += os.write(fd, line[written:])
+            os.fsync(fd)
+        except OSError as exc:
+            with contextlib.suppress(OSError):
+                os.ftruncate(fd, size)
+            raise RunFileError(self.metrics_path, exc) from None
+        finally:
+            os.close(fd)
         self.rows.append(row)
 
     def write_summary(self, status: str, error: str | None = None) -> dict[str, Any]:
