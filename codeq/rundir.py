@@ -30,7 +30,9 @@ class RunFileError(OSError):
 
     def __init__(self, path: Path, error: OSError):
         reason = error.strerror or str(error) or type(error).__name__
-        super().__init__(error.errno, f"cannot write {path}: {reason}" + (f" (errno {error.errno})" if error.errno else ""))
+        super().__init__(
+            error.errno, f"cannot write {path}: {reason}" + (f" (errno {error.errno})" if error.errno else "")
+        )
         self.path = Path(path)
 
     def __str__(self) -> str:

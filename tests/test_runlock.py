@@ -8,19 +8,21 @@ import subprocess
 import sys
 
 import pytest
-
-from codeq.runlock import LOCK_FILE, RunDirBusy, RunDirLock
-from codeq.rundir import read_metrics
 from test_cli import TINY, run_in_process
 from test_reliability import error_lines, start_cli, wait_for_rows
+
+from codeq.rundir import read_metrics
+from codeq.runlock import LOCK_FILE, RunDirBusy, RunDirLock
 
 LONG_RUN = [*TINY, "trainer.epochs=6", "trainer.viz_interval=100", "logger=none"]
 
 
 def hold_lock(run_dir):
     """A child process that takes the lock, says so on stdout, and sleeps until killed."""
-    code = (f"import sys, time; from codeq.runlock import RunDirLock; RunDirLock({str(run_dir)!r}).acquire(); "
-            "print('locked', flush=True); time.sleep(600)")
+    code = (
+        f"import sys, time; from codeq.runlock import RunDirLock; RunDirLock({str(run_dir)!r}).acquire(); "
+        "print('locked', flush=True); time.sleep(600)"
+    )
     child = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
     assert child.stdout.readline().strip() == "locked"
     return child

@@ -7,10 +7,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
-from codeq.safepickle import UnsafePickleError, load_data_pickle
 from test_cli import REPO, run_in_process
 from test_data import cifar_pixels, write_cifar
+
+from codeq.safepickle import UnsafePickleError, load_data_pickle
 
 
 class RunsACommand:
@@ -27,8 +27,13 @@ class RunsACommand:
 
 @pytest.mark.parametrize("protocol", [2, 4, 5])
 def test_a_cifar_batch_round_trips_at_every_protocol(protocol, tmp_path):
-    batch = {b"batch_label": b"training batch 1 of 5", b"data": cifar_pixels(3, 5).astype(np.uint8),
-             b"labels": [0, 9, 4], b"scale": np.float64(0.5), b"shape": (3, 32, 32)}
+    batch = {
+        b"batch_label": b"training batch 1 of 5",
+        b"data": cifar_pixels(3, 5).astype(np.uint8),
+        b"labels": [0, 9, 4],
+        b"scale": np.float64(0.5),
+        b"shape": (3, 32, 32),
+    }
     path = tmp_path / "data_batch_1"
     path.write_bytes(pickle.dumps(batch, protocol=protocol))
     loaded = load_data_pickle(path)
@@ -51,13 +56,24 @@ def test_a_pickle_that_would_run_a_command_is_refused(tmp_path):
 def test_a_crafted_cifar_file_ends_the_run_with_one_line(tmp_path, monkeypatch, capsys):
     marker = tmp_path / "pwned"
     names = [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]
-    write_cifar(tmp_path, "cifar-10-batches-py", {name: (cifar_pixels(2, 0).astype(np.uint8), [0, 1]) for name in names},
-                b"labels", ("batches.meta", b"label_names"))
+    write_cifar(
+        tmp_path,
+        "cifar-10-batches-py",
+        {name: (cifar_pixels(2, 0).astype(np.uint8), [0, 1]) for name in names},
+        b"labels",
+        ("batches.meta", b"label_names"),
+    )
     crafted = tmp_path / "cifar-10-batches-py" / "data_batch_3"
     crafted.write_bytes(pickle.dumps({b"data": RunsACommand(f"touch {marker}"), b"labels": [0]}))
     run_dir = tmp_path / "run"
-    code = run_in_process("dataset=cifar10", f"dataset.root={tmp_path}", "trainer.device=cpu", "logger=none",
-                          f"hydra.run.dir={run_dir}", monkeypatch=monkeypatch)
+    code = run_in_process(
+        "dataset=cifar10",
+        f"dataset.root={tmp_path}",
+        "trainer.device=cpu",
+        "logger=none",
+        f"hydra.run.dir={run_dir}",
+        monkeypatch=monkeypatch,
+    )
     stderr = capsys.readouterr().err
     assert code == 2 and "Traceback" not in stderr
     (line,) = [line for line in stderr.splitlines() if line.startswith("error:")]
