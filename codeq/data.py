@@ -23,10 +23,12 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+from omegaconf import MISSING
 from torch.utils.data import BatchSampler, DataLoader, Dataset, RandomSampler, SequentialSampler, default_collate
 
 from codeq.errors import ConfigError, DatasetNotFoundError
 from codeq.safepickle import load_data_pickle
+from codeq.schema import allowed, configured_by
 
 log = logging.getLogger(__name__)
 
@@ -370,6 +372,28 @@ class DataModule:
 # ----------------------------------------------------------------------------------- validation
 
 
+@dataclass
+class DatasetKeys:
+    """The keys every dataset option has (conf/dataset/*.yaml)."""
+
+    name: str = MISSING
+    input_size: list[int] = allowed(minimum=1, length=3)
+    num_classes: int = allowed(minimum=1)
+    root: str = MISSING
+    download: bool = False
+    batch_size: int = allowed(minimum=1)
+    num_workers: int = allowed(minimum=0)
+    loader: str = allowed(default="auto", choices=LOADERS)
+    augment: bool = True
+    seed: int = allowed(minimum=0)
+
+
+@dataclass
+class SyntheticKeys(DatasetKeys):
+    train_size: int = allowed(minimum=1)
+    test_size: int = allowed(minimum=1)
+
+
 def _check_int(key: str, value, minimum: int) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
         raise ConfigError(f"dataset.{key} must be an integer >= {minimum}, got {value!r}")
@@ -510,6 +534,7 @@ def _cifar(
     )
 
 
+@configured_by(DatasetKeys)
 def cifar10(
     *,
     name: str = "cifar10",
@@ -544,6 +569,7 @@ def cifar10(
     )
 
 
+@configured_by(DatasetKeys)
 def cifar100(
     *,
     name: str = "cifar100",
@@ -637,6 +663,7 @@ def _load_fashion_mnist(root, download: bool) -> tuple[Split, Split]:
     return splits[0], splits[1]
 
 
+@configured_by(DatasetKeys)
 def fashion_mnist(
     *,
     name: str = "fashion_mnist",
@@ -693,6 +720,7 @@ def synthetic_splits(
     return splits[0], splits[1]
 
 
+@configured_by(SyntheticKeys)
 def synthetic(
     *,
     name: str = "synthetic",

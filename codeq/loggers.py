@@ -11,12 +11,14 @@ import io
 import logging
 import netrc
 import os
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
 from codeq.errors import ConfigError
 from codeq.rundir import atomic_write_bytes
+from codeq.schema import allowed, configured_by
 
 log = logging.getLogger(__name__)
 
@@ -107,6 +109,14 @@ def resolve_wandb_mode(mode: str) -> str:
     return "offline"
 
 
+@dataclass
+class WandbKeys:
+    project: str = "codeq"
+    entity: str | None = None
+    mode: str = allowed(default="auto", choices=WANDB_MODES)
+
+
+@configured_by(WandbKeys)
 class WandbLogger(Logger):
     """logger=wandb: one W&B run per job, files under ``<run dir>/wandb``, epoch as the step metric.
 

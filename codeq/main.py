@@ -14,6 +14,7 @@ import random
 import signal
 import sys
 import threading
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -40,6 +41,7 @@ from codeq.quant import attach_weight_quantizers, quantized_layers
 from codeq.resume import TrainingInterrupted
 from codeq.rundir import RunFileError, RunFiles
 from codeq.runlock import RunDirBusy, RunDirLock
+from codeq.schema import allowed, check_config, check_values, schema_of
 from codeq.trainer import Trainer, TrainerConfig, TrainingDiverged
 
 log = logging.getLogger("codeq.main")
@@ -60,9 +62,26 @@ class JobFailed(CompactHydraException):
     """A multirun job's one-line failure: Hydra records it, runs the other jobs, then prints the line."""
 
 
+@dataclass
+class RunKeys:
+    """The top-level keys of conf/config.yaml."""
+
+    name: str = "codeq"
+    seed: int = allowed(default=0, minimum=0)
+
+
+def check_group(cfg: DictConfig, group: str) -> dict[str, Any]:
+    """``cfg[group]`` resolved, its keys checked against its ``_target_``'s schema (when it has one)."""
+    node = OmegaConf.to_container(cfg[group], resolve=True)
+    schema = schema_of(node.get("_target_"))
+    if schema is not None:
+        check_values(schema, f"{group}.", node)
+    return node
+
+
 def instantiate_group(cfg: DictConfig, group: str, **kwargs: Any) -> Any:
     """``hydra.utils.instantiate(cfg[group])`` without the group's RUN_KEYS; bad values -> ConfigError."""
-    node = OmegaConf.to_container(cfg[group], resolve=True)
+    node = check_group(cfg, group)
     for key in RUN_KEYS.get(group, ()):
         node.pop(key, None)
     try:
@@ -96,8 +115,6 @@ def bad_value(cfg: DictConfig, group: str, exc: Exception) -> ConfigError:
 
 def seed_everything(seed: Any) -> None:
     """Seed python, numpy and torch (model init); the data order is seeded by the dataset itself."""
-    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
-        raise ConfigError(f"seed must be an integer >= 0, got {seed!r}")
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
@@ -136,7 +153,7 @@ def sparsity_of(cfg: DictConfig) -> tuple[Any, float]:
 
     λ = 0 means no sparsity term at all: nothing is computed for it.
     """
-    weight = cfg.sparsity.get("weight", 0.0)
+    weight = check_group(cfg, "sparsity").get("weight", 0.0)
     if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not 0 <= weight < float("inf"):
         raise ConfigError(f"sparsity.weight must be a finite number >= 0, got {weight!r}")
     if weight == 0:
@@ -162,6 +179,7 @@ def wandb_naming(cfg: DictConfig, hydra_cfg: DictConfig) -> dict[str, str | None
 
 def build(cfg: DictConfig, run_dir: Path, ranks: Distributed) -> tuple[Trainer, dict[str, Any] | None]:
     """Every object of the run, in order; the trainer is restored from last.pt when resuming."""
+    check_config(cfg, RunKeys)  # every key with a schema, before anything is built or read from disk
     trainer_cfg: TrainerConfig = instantiate_group(cfg, "trainer")
     device = ranks.device(resolve_device(trainer_cfg.device))
     checkpoint = None

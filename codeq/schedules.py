@@ -8,23 +8,34 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from numbers import Real
+from dataclasses import dataclass
 
-from codeq.errors import ConfigError
+from codeq.schema import allowed, check_values, configured_by
 
 Schedule = Callable[[int, int], float]
 
 
-def _non_negative(key: str, value: object) -> float:
-    """``value`` as a float, or a ConfigError naming ``schedule.<key>`` when it is not a number >= 0."""
-    if isinstance(value, bool) or not isinstance(value, Real) or not math.isfinite(value) or value < 0:
-        raise ConfigError(f"schedule.{key} must be a finite number >= 0, got {value!r}")
-    return float(value)
+@dataclass
+class ConstantKeys:
+    value: float = allowed(minimum=0)
 
 
+@dataclass
+class LinearWarmupKeys:
+    delay: float = allowed(minimum=0)
+    ramp: float = allowed(minimum=0)
+
+
+@dataclass
+class CosineAnnealKeys:
+    delay: float = allowed(minimum=0)
+
+
+@configured_by(ConstantKeys)
 def constant(value: float = 1.0) -> Schedule:
     """Always ``value`` (>= 0)."""
-    value = _non_negative("value", value)
+    check_values(ConstantKeys, "schedule.", {"value": value})
+    value = float(value)
 
     def schedule(epoch: int, total_epochs: int) -> float:
         return value
@@ -32,13 +43,14 @@ def constant(value: float = 1.0) -> Schedule:
     return schedule
 
 
+@configured_by(LinearWarmupKeys)
 def linear_warmup(delay: float, ramp: float) -> Schedule:
     """0 for ``delay`` epochs, then a linear ramp from 0 to 1 over ``ramp`` epochs, then 1.
 
     c(e) = clip((e − delay) / ramp, 0, 1); ``ramp = 0`` is a step from 0 to 1 at ``delay``.
     """
-    delay = _non_negative("delay", delay)
-    ramp = _non_negative("ramp", ramp)
+    check_values(LinearWarmupKeys, "schedule.", {"delay": delay, "ramp": ramp})
+    delay, ramp = float(delay), float(ramp)
 
     def schedule(epoch: int, total_epochs: int) -> float:
         if epoch < delay:
@@ -51,13 +63,15 @@ def linear_warmup(delay: float, ramp: float) -> Schedule:
     return schedule
 
 
+@configured_by(CosineAnnealKeys)
 def cosine_anneal(delay: float = 0) -> Schedule:
     """0 for ``delay`` epochs, then a cosine ramp from 0 to 1 over the remaining epochs.
 
     c(e) = ½·(1 − cos(π·t)), t = clip((e − delay) / (total − delay), 0, 1). When ``delay`` >= total
     epochs the ramp never starts and c stays 0.
     """
-    delay = _non_negative("delay", delay)
+    check_values(CosineAnnealKeys, "schedule.", {"delay": delay})
+    delay = float(delay)
 
     def schedule(epoch: int, total_epochs: int) -> float:
         remaining = total_epochs - delay

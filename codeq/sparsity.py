@@ -31,6 +31,7 @@ from torch.nn.utils import parametrize
 
 from codeq.errors import ConfigError
 from codeq.models import first_and_last_layers
+from codeq.schema import allowed, check_values, configured_by
 
 SparsityLoss = Callable[[nn.Module], torch.Tensor]
 
@@ -51,6 +52,19 @@ PENALISED_CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 def _check_include_linear(include_linear: object) -> None:
     if not isinstance(include_linear, bool):
         raise ConfigError(f"sparsity.include_linear must be true or false, got {include_linear!r}")
+
+
+@dataclass
+class SparsityKeys:
+    """The keys of a sparsity option: λ (``weight``, read by codeq.main) and the loss's own arguments."""
+
+    weight: float = allowed(minimum=0)
+    include_linear: bool = False
+
+
+@dataclass
+class BlockSparsityKeys(SparsityKeys):
+    block_size: int = allowed(minimum=1)
 
 
 def _penalised_weights(model: nn.Module, include_linear: bool) -> Iterator[torch.Tensor]:
@@ -91,17 +105,18 @@ def row_l2_norms(rows: torch.Tensor) -> torch.Tensor:
     return torch.linalg.vector_norm(rows, dim=1)
 
 
+@configured_by(SparsityKeys)
 def no_sparsity(model: nn.Module) -> torch.Tensor:
     """No sparsity loss: a zero scalar on the model's device."""
     return torch.zeros((), device=_device_of(model))
 
 
+@configured_by(SparsityKeys)
 def group_lasso_channels(model: nn.Module, include_linear: bool = False) -> torch.Tensor:
     """Group lasso on output channels: Σ_layers Σ_c ‖W[c, ...]‖₂ (L1 of the L2 filter norms).
 
     Drives whole output filters to zero (channel pruning); with ``include_linear`` also Linear rows.
     """
-    _check_include_linear(include_linear)
     return _sum_of_row_norms(model, (w.flatten(1) for w in _penalised_weights(model, include_linear)))
 
 
@@ -118,6 +133,7 @@ def _channel_blocks(weight: torch.Tensor, block_size: int) -> torch.Tensor:
     return rows.reshape(-1, block_size * rows.shape[1])
 
 
+@configured_by(BlockSparsityKeys)
 def group_lasso_blocks(block_size: int = 4, include_linear: bool = False) -> SparsityLoss:
     """Factory: group lasso on blocks of consecutive output channels, Σ_layers Σ_b ‖W[b·B:(b+1)·B]‖₂.
 
@@ -125,9 +141,7 @@ def group_lasso_blocks(block_size: int = 4, include_linear: bool = False) -> Spa
         block_size: B, output channels per block (an integer >= 1; 1 is ``group_lasso_channels``).
         include_linear: also penalise blocks of Linear rows.
     """
-    if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 1:
-        raise ConfigError(f"sparsity.block_size must be an integer >= 1, got {block_size!r}")
-    _check_include_linear(include_linear)
+    check_values(BlockSparsityKeys, "sparsity.", {"block_size": block_size, "include_linear": include_linear})
 
     def loss(model: nn.Module) -> torch.Tensor:
         blocks = (_channel_blocks(w, block_size) for w in _penalised_weights(model, include_linear))
@@ -136,13 +150,13 @@ def group_lasso_blocks(block_size: int = 4, include_linear: bool = False) -> Spa
     return loss
 
 
+@configured_by(SparsityKeys)
 def l1_kernel_sparsity(model: nn.Module, include_linear: bool = False) -> torch.Tensor:
     """Sum of the L1 norms of the individual kernels: Σ_{o,i} ‖W[o, i, ...]‖₁ = Σ|W|.
 
     The finest granularity: per-kernel L1 norms add up to the elementwise L1 of the weight, so this
     is plain L1 on Conv weights (and on Linear weights, whose kernels are single entries, when asked).
     """
-    _check_include_linear(include_linear)
     flat = [w.flatten() for w in _penalised_weights(model, include_linear)]
     if not flat:
         return torch.zeros((), device=_device_of(model))

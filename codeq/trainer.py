@@ -7,6 +7,7 @@ killed run resumes exactly where its last checkpoint left it (codeq.resume).
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from collections.abc import Callable
@@ -24,6 +25,7 @@ from codeq.errors import ConfigError
 from codeq.loggers import Logger
 from codeq.resume import EpochProgress, StopSignals, restore_training_state, training_state
 from codeq.rundir import RunFiles
+from codeq.schema import allowed, check_values, configured_by
 from codeq.sparsity import Proximal, SparsityLoss
 from codeq.step import TrainingStep
 
@@ -34,26 +36,24 @@ PRECISIONS = ("fp32", "bf16")
 
 @dataclass
 class TrainerConfig:
-    """The loop's settings (conf/trainer/default.yaml); invalid values raise ConfigError naming the key."""
+    """The loop's settings (conf/trainer/default.yaml), also their schema: a bad value raises ConfigError."""
 
-    epochs: int = 300
+    epochs: int = allowed(default=300, minimum=1)
     device: str = "auto"
     resume: bool = False
-    viz_interval: int = 25
+    viz_interval: int = allowed(default=25, minimum=1)
     sparsity_layer: str | None = None
-    precision: str = "fp32"
+    precision: str = allowed(default="fp32", choices=PRECISIONS)
     compile: bool = False
     channels_last: bool = False
-    log_every_steps: int = 25
+    log_every_steps: int = allowed(default=25, minimum=1)
     sync_bn: bool = True
 
     def __post_init__(self):
-        for key in ("epochs", "viz_interval", "log_every_steps"):
-            value = getattr(self, key)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ConfigError(f"trainer.{key} must be an integer >= 1, got {value!r}")
-        if self.precision not in PRECISIONS:
-            raise ConfigError(f"trainer.precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
+        check_values(TrainerConfig, "trainer.", dataclasses.asdict(self))
+
+
+configured_by(TrainerConfig)(TrainerConfig)
 
 
 class TrainingDiverged(RuntimeError):

@@ -1,5 +1,6 @@
-"""Reliability through the CLI: kill and resume exactly, corrupt checkpoints, signals, divergence, bad input."""
+"""Reliability through the CLI: kill and resume, bad checkpoints, signals, divergence, full disks, bad input."""
 
+import errno
 import json
 import math
 import os
@@ -8,6 +9,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -308,3 +310,52 @@ def test_bad_input_through_the_real_process(tmp_path):
     proc = run_cli(*TINY, "trainer.epochs=-5", f"hydra.run.dir={tmp_path}")
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines() == ["error: trainer.epochs must be an integer >= 1, got -5"]
+
+
+def fill_disk_at(monkeypatch, run_dir, name, nth):
+    """From the ``nth`` fsync of ``run_dir/name`` on, every fsync of a file in ``run_dir`` raises ENOSPC.
+
+    A write that fails with a full disk fails at the latest at fsync, where the data must reach it: this is
+    a disk filling up mid-run (every later write fails too, the error path's own files included).
+    """
+    real_fsync = os.fsync
+    state = {"count": 0, "full": False}
+
+    def fsync(fd):
+        path = Path(os.readlink(f"/proc/self/fd/{fd}"))
+        if path.parent == run_dir:
+            state["count"] += path.name == name
+            state["full"] = state["full"] or state["count"] >= nth
+            if state["full"]:
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+
+
+@pytest.mark.parametrize(
+    "failing, rows_kept",
+    [(".last.pt.tmp", [0, 1]), ("metrics.jsonl", [0])],
+    ids=["checkpoint", "metrics-row"],
+)
+def test_a_full_disk_stops_the_run_keeps_what_was_written_and_resume_continues(
+    failing, rows_kept, tmp_path, reference, monkeypatch, capsys
+):
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    fill_disk_at(monkeypatch, run_dir, failing, nth=2)  # the second epoch's write fails
+    code = run_in_process(*RESUMABLE, f"hydra.run.dir={run_dir}", monkeypatch=monkeypatch)
+    stderr = capsys.readouterr().err
+    assert code == 1 and "Traceback" not in stderr
+    (line,) = error_lines(stderr)
+    target = run_dir / ("last.pt" if failing == ".last.pt.tmp" else "metrics.jsonl")
+    assert f"cannot write {target}: No space left on device" in line
+    assert f"the last checkpoint {run_dir / 'last.pt'} is intact" in line
+    assert f"trainer.resume=true hydra.run.dir={run_dir}" in line
+    assert load_checkpoint(run_dir / "last.pt")["epoch"] == 0  # the previous checkpoint, readable
+    assert [row["epoch"] for row in read_metrics(run_dir / "metrics.jsonl")] == rows_kept  # no half row
+    assert not list(run_dir.glob(".*.tmp"))
+
+    monkeypatch.undo()  # space is back
+    assert run_in_process(*RESUMABLE, "trainer.resume=true", f"hydra.run.dir={run_dir}", monkeypatch=monkeypatch) == 0
+    assert stable(read_metrics(run_dir / "metrics.jsonl")) == reference

@@ -14,6 +14,7 @@ from toy_models import TinyConvNet
 from codeq.errors import ConfigError
 from codeq.models import resnet20
 from codeq.quant import DeadZoneLDZCompander, attach_weight_quantizers, quantized_layers
+from codeq.schema import check_values, schema_of
 from codeq.sparsity import (
     group_lasso_blocks,
     group_lasso_channels,
@@ -286,17 +287,13 @@ def test_bad_block_size_raises_config_error_naming_it(block_size):
         group_lasso_blocks(block_size=block_size)
 
 
-@pytest.mark.parametrize(
-    "call",
-    [
-        lambda: group_lasso_channels(TinyConvNet(), include_linear="yes"),
-        lambda: group_lasso_blocks(4, include_linear=1),
-        lambda: l1_kernel_sparsity(TinyConvNet(), include_linear=None),
-    ],
-)
-def test_bad_include_linear_raises_config_error_naming_it(call):
-    with pytest.raises(ValueError, match=r"sparsity\.include_linear must be true or false"):
-        call()
+@pytest.mark.parametrize("option", ["group_lasso", "group_lasso_blocks", "l1_kernel"])
+@pytest.mark.parametrize("value", ["yes", 1, None])
+def test_bad_include_linear_raises_config_error_naming_it(option, value):
+    """The losses run every step, so their include_linear is checked where the config is read (the schema)."""
+    node = {**OmegaConf.to_container(OmegaConf.load(SPARSITY_CONF / f"{option}.yaml")), "include_linear": value}
+    with pytest.raises(ConfigError, match=r"sparsity\.include_linear must be true or false"):
+        check_values(schema_of(node["_target_"]), "sparsity.", node)
 
 
 @pytest.mark.parametrize("fn", [no_sparsity, *LOSSES.values()])

@@ -9,6 +9,7 @@ from __future__ import annotations
 import functools
 import math
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -16,6 +17,7 @@ from torch import nn
 
 from codeq.quant.base import WeightQuantizer
 from codeq.quant.reference import deadzone_reference
+from codeq.schema import allowed, configured_by
 
 
 def round_ste(x: torch.Tensor) -> torch.Tensor:
@@ -171,6 +173,20 @@ class _DeadZoneLDZ(torch.autograd.Function):
         return logit_grads.get("dz"), logit_grads.get("bit"), None, None, None, None, *grad_ws
 
 
+@dataclass
+class DeadZoneKeys:
+    """quantizer=deadzone|deadzone_fixed. Bits stop at 16: at b bits the level spacing is absmax/2^(b-1), which
+    beyond 16 bits nears float32's own resolution (the paper learns 2-8)."""
+
+    fixed_bit_val: int = allowed(minimum=2, maximum=16)
+    max_bits: int = allowed(minimum=2, maximum=16)
+    init_bit_logit: float = allowed()
+    init_deadzone_logit: float = allowed()
+    learnable_bit: bool = True
+    learnable_deadzone: bool = True
+
+
+@configured_by(DeadZoneKeys)
 class DeadZoneLDZCompander(WeightQuantizer):
     """CoDeQ dead-zone quantizer with learnable dead-zone width and bit-width (layer-wise).
 
@@ -271,6 +287,12 @@ class DeadZoneLDZCompander(WeightQuantizer):
         )
 
 
+@dataclass
+class UniformKeys:
+    bitwidth: int = allowed(minimum=2, maximum=16)
+
+
+@configured_by(UniformKeys)
 class UniformSymmetric(WeightQuantizer):
     """Plain symmetric uniform quantizer for baselines: s = max|w| / Q_b, ŵ = s·clip(round(w/s), −Q_b, Q_b)."""
 
