@@ -20,6 +20,7 @@ without a schema, are left to the code that reads them.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import typing
 from collections.abc import Callable
@@ -108,30 +109,49 @@ def schema_of(target: Any) -> type | None:
         except Exception:  # an unimportable _target_ is reported when the node is instantiated
             return None
     name = getattr(target, "__config_schema__", None)
-    if name is None:
-        return None
-    node = ConfigStore.instance().load(f"{SCHEMA_GROUP}/{name}.yaml").node
-    return OmegaConf.get_type(node)
+    return None if name is None else _stored_schema(name)
+
+
+@functools.cache
+def _stored_schema(name: str) -> type:
+    return OmegaConf.get_type(ConfigStore.instance().load(f"{SCHEMA_GROUP}/{name}.yaml").node)
+
+
+@functools.cache
+def _typed_config(schema: type) -> tuple[DictConfig, dict[str, dataclasses.Field], dict[str, Any]]:
+    """The schema as a structured config (values are assigned to it to type-check them), its fields and hints."""
+    return OmegaConf.structured(schema), {f.name: f for f in dataclasses.fields(schema)}, typing.get_type_hints(schema)
 
 
 def check_config(cfg: DictConfig, root_schema: type | None = None) -> None:
-    """Check the top-level keys against ``root_schema`` and every group node with a ``_target_`` against its
-    target's schema. Raises ConfigError naming the first bad key."""
-    values = OmegaConf.to_container(cfg, resolve=True)
+    """Check the top-level keys against ``root_schema`` (first: nodes interpolate them), then every group node
+    with a ``_target_`` against its target's schema. Raises ConfigError naming the first bad key.
+
+    A node whose interpolation cannot be resolved is checked last: a bad key it points to (model.in_channels
+    = ${dataset.input_size.0} with dataset.input_size=x) is reported by its own schema, not as the symptom.
+    """
     if root_schema is not None:
-        check_values(root_schema, "", values)
-    for group, node in values.items():
-        if isinstance(node, dict) and isinstance(node.get("_target_"), str):
+        root = {f.name: cfg[f.name] for f in dataclasses.fields(root_schema) if f.name in cfg}
+        plain = {k: OmegaConf.to_container(v, resolve=True) if OmegaConf.is_config(v) else v for k, v in root.items()}
+        check_values(root_schema, "", plain)
+    unresolved: OmegaConfBaseException | None = None
+    for group in cfg:
+        try:
+            node = OmegaConf.to_container(cfg[group], resolve=True) if isinstance(cfg[group], DictConfig) else None
+        except OmegaConfBaseException as exc:
+            unresolved = unresolved or exc
+            continue
+        if node is not None and isinstance(node.get("_target_"), str):
             schema = schema_of(node["_target_"])
             if schema is not None:
                 check_values(schema, f"{group}.", node)
+    if unresolved is not None:
+        raise unresolved
 
 
 def check_values(schema: type, prefix: str, values: dict[str, Any]) -> None:
     """Check the keys of ``values`` that ``schema`` declares (type, then limits); others are ignored."""
-    declared = {f.name: f for f in dataclasses.fields(schema)}
-    hints = typing.get_type_hints(schema)
-    typed = OmegaConf.structured(schema)
+    typed, declared, hints = _typed_config(schema)
     for key, value in values.items():
         if key not in declared:
             continue
