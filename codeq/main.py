@@ -22,7 +22,7 @@ import hydra
 import numpy as np
 import torch
 from hydra.core.hydra_config import HydraConfig
-from hydra.errors import CompactHydraException, InstantiationException
+from hydra.errors import InstantiationException
 from hydra.types import RunMode
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
@@ -33,7 +33,7 @@ from codeq.checkpoint import CHECKPOINT_FILE, load_checkpoint
 from codeq.cost import Evaluator
 from codeq.device import resolve_device
 from codeq.distributed import Distributed
-from codeq.errors import ConfigError
+from codeq.errors import ConfigError, JobFailed
 from codeq.loggers import Logger
 from codeq.models import first_and_last_layers
 from codeq.plots import compression_figures
@@ -56,10 +56,6 @@ EXIT_BAD_INPUT = 2
 EXIT_FAILED = 1
 # A data-parallel rank other than 0 started by `cli` gets rank 0's run dir before Hydra starts.
 _rank0_run_dir: Path | None = None
-
-
-class JobFailed(CompactHydraException):
-    """A multirun job's one-line failure: Hydra records it, runs the other jobs, then prints the line."""
 
 
 @dataclass

@@ -25,6 +25,7 @@ import yaml
 from codeq import rundir
 from codeq.paper import PAPER_RESULTS, PaperResult
 from codeq.pareto import COSTS, pareto_front
+from codeq.runlock import is_locked
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -223,6 +224,12 @@ def load_run(run_dir: Path) -> Run:
 
     status = summary.get("status") or "unknown"
     error = summary.get("error")
+    if status == "running" and not is_locked(run_dir):
+        status = "killed"
+        error = (
+            f"its process ended after {len(rows)} completed epochs without a word: killed by a signal (SIGKILL, "
+            "out of memory) or its machine went down; re-run its command with trainer.resume=true to finish it"
+        )
     if failed is not None:
         error = error or failed.get("error")
         if status not in ("failed", "diverged", "interrupted"):

@@ -66,7 +66,7 @@ class StopSignals:
         """The exception that ends the run after the checkpoint at ``checkpoint_path`` was written."""
         name = signal.Signals(self.signum).name
         return TrainingInterrupted(
-            f"interrupted by {name} {where}; checkpoint {checkpoint_path} written; continue with "
+            f"interrupted by {name} {where}; checkpoint {checkpoint_path} written; re-run the same command with "
             f"trainer.resume=true hydra.run.dir={checkpoint_path.parent}",
             self.signum,
         )

@@ -70,6 +70,21 @@ class RunDirLock:
         self.release()
 
 
+def is_locked(run_dir: Path) -> bool:
+    """True while a live process holds ``run_dir``'s lock (the file may outlive a killed holder, its lock not)."""
+    try:
+        fd = os.open(Path(run_dir) / LOCK_FILE, os.O_RDONLY)
+    except FileNotFoundError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)
+    return False
+
+
 def _same_file(fd: int, path: Path) -> bool:
     try:
         on_disk = os.stat(path)

@@ -48,6 +48,7 @@ class TrainerConfig:
     channels_last: bool = False
     log_every_steps: int = allowed(default=25, minimum=1)
     sync_bn: bool = True
+    max_loss_ratio: float | None = allowed(default=1.0e4, minimum=1)
 
     def __post_init__(self):
         check_values(TrainerConfig, "trainer.", dataclasses.asdict(self))
@@ -115,6 +116,8 @@ class Trainer:
         self.run_dir = files.run_dir
         self.checkpoint_path = self.run_dir / CHECKPOINT_FILE
         self.start_epoch = 0
+        self.wrote_checkpoint = False  # this run wrote last.pt or resumed from it (a stale file is not "good")
+        self.first_loss: float | None = None  # the run's first logged loss, for trainer.max_loss_ratio
         self.partial: dict[str, Any] | None = None
 
     def state_dict(self, completed_epoch: int, partial: EpochProgress | None = None) -> dict[str, Any]:
@@ -129,6 +132,7 @@ class Trainer:
         self.start_epoch, self.partial = restore_training_state(
             state, self.checkpoint_path, self.config.epochs, self.model, self.optimizer, self.lr_scheduler
         )
+        self.wrote_checkpoint = True
 
     def fit(self, logger: Logger) -> dict[str, Any]:
         """Train to the last epoch, logging to ``logger``; returns the final summary.
@@ -146,6 +150,7 @@ class Trainer:
                 if self.ranks.is_main:
                     self._record_epoch(row)
                 stop.signum = self.ranks.agreed_signal(stop.signum)
+                self.wrote_checkpoint = True  # rank 0 wrote last.pt for this epoch
                 if stop.signum is not None:
                     raise stop.interrupt(f"after epoch {epoch} (counting from 0)", self.checkpoint_path)
         return self.files.write_summary("completed") if self.ranks.is_main else {}
@@ -250,19 +255,36 @@ class Trainer:
 
     def _check_finite(self, history: list[torch.Tensor], epoch: int, summed: torch.Tensor | None = None) -> list[float]:
         """Column sums of the step history over ranks (loss, ce, sparsity, correct) — one host sync (and
-        data-parallel one all-reduce, so a non-finite loss on any rank stops every rank)."""
+        data-parallel one all-reduce, so a diverged loss on any rank stops every rank). Diverged: non-finite, or
+        above trainer.max_loss_ratio × the run's first logged loss."""
         stacked = self._summed(history) if summed is None else summed
-        finite = torch.isfinite(stacked[:, 0])
-        summary = torch.cat((stacked.sum(0), finite.all().float()[None])).tolist()
+        if self.first_loss is None:
+            self.first_loss = float(stacked[0, 0])
+        ratio = self.config.max_loss_ratio
+        limit = math.inf if ratio is None or not math.isfinite(self.first_loss) else ratio * abs(self.first_loss)
+        healthy = torch.isfinite(stacked[:, 0]) & (stacked[:, 0] <= limit)
+        summary = torch.cat((stacked.sum(0), healthy.all().float()[None])).tolist()
         if summary[-1] == 1.0:
             return summary[:4]
-        step = int((~finite).nonzero()[0, 0])
+        step = int((~healthy).nonzero()[0, 0])
         loss, ce, sparsity, _ = stacked[step].tolist()
+        what = (
+            "non-finite loss"
+            if not math.isfinite(loss)
+            else (
+                f"loss {loss:.3g} above trainer.max_loss_ratio={ratio:g} x the first logged loss {self.first_loss:.3g}"
+            )
+        )
         lrs = ", ".join(f"{g.get('name', i)} lr {g['lr']:.3g}" for i, g in enumerate(self.optimizer.param_groups))
+        checkpoint = (
+            f"last good checkpoint: {self.checkpoint_path}"
+            if self.wrote_checkpoint
+            else "no checkpoint was written (it diverged before its first epoch ended)"
+        )
         raise TrainingDiverged(
-            f"training diverged: non-finite loss at epoch {epoch}, step {step} (counting from 0; loss {loss}, ce {ce}, "
+            f"training diverged: {what} at epoch {epoch}, step {step} (counting from 0; loss {loss}, ce {ce}, "
             f"sparsity {sparsity}); lower the learning rates (optimizer.lr/lr_dz/lr_bit: {lrs}) or the sparsity "
-            f"strength (sparsity.weight={self.sparsity_weight:g}); last good checkpoint: {self.checkpoint_path}"
+            f"strength (sparsity.weight={self.sparsity_weight:g}); {checkpoint}"
         )
 
     def _test(self) -> tuple[float, float]:

@@ -240,11 +240,32 @@ def test_nan_loss_stops_naming_epoch_step_and_knobs(tmp_path, monkeypatch, capsy
     (line,) = error_lines(capsys.readouterr().err)
     assert "non-finite loss at epoch 1, step 2" in line
     assert "optimizer.lr" in line and "sparsity.weight" in line
+    assert f"last good checkpoint: {run_dir / 'last.pt'}" in line  # written after epoch 0: it exists
     assert [row["epoch"] for row in read_metrics(run_dir / "metrics.jsonl")] == [0]
     assert load_checkpoint(run_dir / "last.pt")["epoch"] == 0
     assert json.loads((run_dir / "summary.json").read_text())["status"] == "diverged"
     failed = json.loads((run_dir / "failed.json").read_text())
     assert (failed["type"], failed["epoch"]) == ("TrainingDiverged", 0)
+
+
+def test_an_exploding_finite_loss_stops_as_diverged_without_naming_a_checkpoint_it_never_wrote(
+    tmp_path, monkeypatch, capsys
+):
+    """lr 1e12: the loss jumps from ~3 to ~1e25 at step 1 and stays finite; max_loss_ratio (1e4) stops it."""
+    base = [*TINY, "trainer.epochs=3", "trainer.viz_interval=100", "logger=none", "optimizer.lr=1e12"]
+    code = run_in_process(*base, f"hydra.run.dir={tmp_path / 'guarded'}", monkeypatch=monkeypatch)
+    assert code == 1
+    (line,) = error_lines(capsys.readouterr().err)
+    assert "above trainer.max_loss_ratio=10000 x the first logged loss" in line and "at epoch 0, step 1" in line
+    assert "no checkpoint was written" in line and "last.pt" not in line
+    assert not (tmp_path / "guarded" / "last.pt").exists()
+    assert json.loads((tmp_path / "guarded" / "summary.json").read_text())["status"] == "diverged"
+    assert json.loads((tmp_path / "guarded" / "failed.json").read_text())["type"] == "TrainingDiverged"
+
+    unguarded = tmp_path / "unguarded"
+    code = run_in_process(*base, "trainer.max_loss_ratio=null", f"hydra.run.dir={unguarded}", monkeypatch=monkeypatch)
+    assert code == 0  # null disables the guard: the same run "succeeds" with a loss of ~1e25
+    assert read_metrics(unguarded / "metrics.jsonl")[0]["train/loss"] > 1e20
 
 
 BAD_OVERRIDES = [

@@ -1,0 +1,1 @@
+"""codeq's Hydra launcher (conf/hydra/launcher/joblib.yaml)."""
