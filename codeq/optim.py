@@ -10,12 +10,14 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 
 from codeq.errors import ConfigError
 from codeq.quant import quantized_layers
+from codeq.schema import allowed, configured_by
 
 QUANTIZER_GROUPS = ("deadzone", "bits")
 
@@ -78,6 +80,30 @@ def _groups(
     ]
 
 
+@dataclass
+class OptimizerKeys:
+    """The keys every optimizer option has: a learning rate and a weight decay per parameter group."""
+
+    lr: float = allowed(minimum=0)
+    weight_decay: float = allowed(minimum=0)
+    lr_dz: float = allowed(minimum=0)
+    weight_decay_dz: float = allowed(minimum=0)
+    lr_bit: float = allowed(minimum=0)
+    weight_decay_bit: float = allowed(minimum=0)
+
+
+@dataclass
+class AdamWKeys(OptimizerKeys):
+    betas: list[float] = allowed(minimum=0, below=1, length=2)
+
+
+@dataclass
+class SgdKeys(OptimizerKeys):
+    momentum: float = allowed(minimum=0)
+    nesterov: bool = False
+
+
+@configured_by(AdamWKeys)
 def adamw(
     model: nn.Module,
     lr: float,
@@ -97,6 +123,7 @@ def adamw(
     return torch.optim.AdamW(groups, betas=betas, fused=True)
 
 
+@configured_by(SgdKeys)
 def sgd(
     model: nn.Module,
     lr: float,

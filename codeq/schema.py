@@ -51,7 +51,7 @@ class Allowed:
     finite: bool = True
 
     def admits(self, value: Any) -> bool:
-        if isinstance(value, list):
+        if isinstance(value, (list, tuple)):
             return (self.length is None or len(value) == self.length) and all(self._admits_item(v) for v in value)
         return self._admits_item(value)
 
@@ -158,7 +158,7 @@ def check_values(schema: type, prefix: str, values: dict[str, Any]) -> None:
         limits = declared[key].metadata.get("allowed", Allowed())
         try:
             typed[key] = value
-            converted = OmegaConf.to_container(typed)[key] if isinstance(value, (list, dict)) else typed[key]
+            converted = OmegaConf.to_container(typed)[key] if isinstance(value, (list, tuple, dict)) else typed[key]
         except (OmegaConfBaseException, ValueError, TypeError):
             converted = _INVALID
         if not _same_value(value, converted) or not limits.admits(value):
@@ -173,7 +173,7 @@ def _same_value(raw: Any, converted: Any) -> bool:
 
     An int where a float is declared is a float of the same value and passes.
     """
-    if isinstance(raw, list):
+    if isinstance(raw, (list, tuple)):
         return isinstance(converted, list) and len(raw) == len(converted) and all(map(_same_value, raw, converted))
     if isinstance(raw, bool) or isinstance(converted, bool):
         return raw is converted

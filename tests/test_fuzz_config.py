@@ -134,7 +134,7 @@ SAMPLE = CASES[::20]
 def test_enough_cases_over_every_group():
     assert len(CASES) >= MIN_CASES
     groups = {key_of(case).split(".")[0] for _, case in CASES if "." in key_of(case)}
-    assert {"trainer", "dataset", "quantizer", "sparsity", "schedule", "logger"} <= groups
+    assert {"trainer", "dataset", "quantizer", "sparsity", "schedule", "optimizer", "logger"} <= groups
 
 
 def test_every_generated_override_is_rejected_naming_its_key():
