@@ -118,9 +118,21 @@ def _stored_schema(name: str) -> type:
 
 
 @functools.cache
-def _typed_config(schema: type) -> tuple[DictConfig, dict[str, dataclasses.Field], dict[str, Any]]:
-    """The schema as a structured config (values are assigned to it to type-check them), its fields and hints."""
-    return OmegaConf.structured(schema), {f.name: f for f in dataclasses.fields(schema)}, typing.get_type_hints(schema)
+def _typed_fields(schema: type) -> dict[str, tuple[DictConfig | None, Allowed, Any]]:
+    """{key: (a one-key structured config to assign values to, its limits, its type)} of ``schema``.
+
+    A type OmegaConf cannot express (e.g. torch.device) gets no structured config: only its limits are checked.
+    """
+    hints = typing.get_type_hints(schema)
+    fields = {}
+    for f in dataclasses.fields(schema):
+        try:
+            one = dataclasses.make_dataclass(f"{schema.__name__}_{f.name}", [(f.name, hints[f.name], MISSING)])
+            typed = OmegaConf.structured(one)
+        except (OmegaConfBaseException, ValueError, TypeError):
+            typed = None
+        fields[f.name] = (typed, f.metadata.get("allowed", Allowed()), hints[f.name])
+    return fields
 
 
 def check_config(cfg: DictConfig, root_schema: type | None = None) -> None:
@@ -151,18 +163,19 @@ def check_config(cfg: DictConfig, root_schema: type | None = None) -> None:
 
 def check_values(schema: type, prefix: str, values: dict[str, Any]) -> None:
     """Check the keys of ``values`` that ``schema`` declares (type, then limits); others are ignored."""
-    typed, declared, hints = _typed_config(schema)
+    declared = _typed_fields(schema)
     for key, value in values.items():
         if key not in declared:
             continue
-        limits = declared[key].metadata.get("allowed", Allowed())
+        typed, limits, hint = declared[key]
         try:
-            typed[key] = value
-            converted = OmegaConf.to_container(typed)[key] if isinstance(value, (list, tuple, dict)) else typed[key]
+            if typed is not None:
+                typed[key] = value
+            converted = value if typed is None else OmegaConf.to_container(typed)[key]
         except (OmegaConfBaseException, ValueError, TypeError):
             converted = _INVALID
         if not _same_value(value, converted) or not limits.admits(value):
-            raise ConfigError(f"{prefix}{key} must be {describe(hints[key], limits)}, got {value!r}")
+            raise ConfigError(f"{prefix}{key} must be {describe(hint, limits)}, got {value!r}")
 
 
 _INVALID = object()
