@@ -71,7 +71,7 @@ def test_a_job_killed_by_the_os_fails_alone_and_a_resumed_sweep_finishes_only_it
         f"hydra.sweep.dir={sweep}",
     ]
     tests_on_path = {"PYTHONPATH": os.pathsep.join([os.environ.get("PYTHONPATH", ""), os.path.dirname(__file__)])}
-    first = run_cli("-m", *grid, env={**tests_on_path, KILL_SEED: "2"})
+    first = run_cli("-m", *grid, env={**tests_on_path, KILL_SEED: "2"}, timeout=1200)
     assert first.returncode == 1 and "Traceback" not in first.stderr
     (line,) = [line for line in first.stderr.splitlines() if line.startswith("error:")]
     assert line.startswith("error: job #2 was killed (worker exit code SIGKILL(-9)); its dir in ")
@@ -86,7 +86,7 @@ def test_a_job_killed_by_the_os_fails_alone_and_a_resumed_sweep_finishes_only_it
     assert f"{sweep.name}/2: killed: its process ended after 1 completed epochs" in report
     finished = {n: (jobs[n] / "metrics.jsonl").read_bytes() for n in (0, 1, 3)}
 
-    second = run_cli("-m", *grid, "trainer.resume=true", env=tests_on_path)
+    second = run_cli("-m", *grid, "trainer.resume=true", env=tests_on_path, timeout=1200)
     assert second.returncode == 0, second.stderr
     assert json.loads((jobs[2] / "summary.json").read_text())["status"] == "completed"
     assert [row["epoch"] for row in read_metrics(jobs[2] / "metrics.jsonl")] == [0, 1, 2]
