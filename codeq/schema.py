@@ -167,6 +167,8 @@ def check_values(schema: type, prefix: str, values: dict[str, Any]) -> None:
     for key, value in values.items():
         if key not in declared:
             continue
+        if OmegaConf.is_config(value):  # hydra.utils.instantiate hands lists over as ListConfig
+            value = OmegaConf.to_container(value, resolve=True)
         typed, limits, hint = declared[key]
         try:
             if typed is not None:
