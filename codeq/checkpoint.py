@@ -18,6 +18,7 @@ from codeq.errors import ConfigError
 from codeq.rundir import atomic_write_bytes
 
 CHECKPOINT_FILE = "last.pt"
+BEST_CHECKPOINT_FILE = "best.pt"  # the same state, written at the epoch of the best eval accuracy
 FORMAT_VERSION = 1
 REQUIRED_KEYS = ("version", "epoch", "epochs", "model", "optimizer", "lr_scheduler", "rng", "wandb_run_id", "partial")
 

@@ -152,9 +152,13 @@ class RunFiles:
             os.close(fd)
         self.rows.append(row)
 
+    def best_row(self) -> dict[str, Any] | None:
+        """The row of the highest eval accuracy (the first one on ties), or None before any epoch."""
+        return max(self.rows, key=lambda r: r["eval/accuracy"], default=None)
+
     def write_summary(self, status: str, error: str | None = None) -> dict[str, Any]:
         """Rewrite summary.json atomically from the rows written so far."""
-        best = max(self.rows, key=lambda r: r["eval/accuracy"], default=None)
+        best = self.best_row()
         summary: dict[str, Any] = {
             "status": status,
             "epochs": self.epochs,

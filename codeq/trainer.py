@@ -20,7 +20,7 @@ from matplotlib.figure import Figure
 from torch import nn
 from tqdm import tqdm
 
-from codeq.checkpoint import CHECKPOINT_FILE, save_checkpoint
+from codeq.checkpoint import BEST_CHECKPOINT_FILE, CHECKPOINT_FILE, save_checkpoint
 from codeq.distributed import Distributed
 from codeq.errors import ConfigError
 from codeq.loggers import Logger
@@ -188,7 +188,10 @@ class Trainer:
             row["time/figures_s"] = time.perf_counter() - tic
         self.files.append(row)
         self.logger.log_metrics(row, step=epoch)
-        save_checkpoint(self.checkpoint_path, self.state_dict(epoch))
+        state = self.state_dict(epoch)
+        save_checkpoint(self.checkpoint_path, state)
+        if self.files.best_row() is row:
+            save_checkpoint(self.run_dir / BEST_CHECKPOINT_FILE, state)
         self.files.write_summary("running")
         self._log_epoch(row)
 

@@ -225,6 +225,7 @@ def test_files_after_a_run(tmp_path):
     assert summary["final"] == rows[-1]
     state = load_checkpoint(tmp_path / "last.pt")
     assert state["epoch"] == 2 and state["partial"] is None and state["wandb_run_id"] is None
+    assert load_checkpoint(tmp_path / "best.pt")["epoch"] == best["epoch"]
     for key in (
         "compression/structured_bops_ratio",
         "compression/unstructured_rel_bops_pct",

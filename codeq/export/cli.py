@@ -32,7 +32,7 @@ from omegaconf.errors import OmegaConfBaseException
 from torch import nn
 from torch.onnx import _constants as onnx_constants
 
-from codeq.checkpoint import CHECKPOINT_FILE, FORMAT_VERSION
+from codeq.checkpoint import BEST_CHECKPOINT_FILE, CHECKPOINT_FILE, FORMAT_VERSION
 from codeq.errors import ConfigError
 from codeq.export.measure import (
     ParityError,
@@ -50,7 +50,7 @@ from codeq.rundir import METRICS_FILE, read_metrics
 
 EXPORT_DIR = "export"
 EXPORT_FILE = "export.json"
-CHECKPOINTS = {"last": CHECKPOINT_FILE, "best": "best.pt"}
+CHECKPOINTS = {"last": CHECKPOINT_FILE, "best": BEST_CHECKPOINT_FILE}
 TOLERANCE = 1e-4  # max |Δ logits| relative to max |logits|
 PARITY_BATCH = 8
 EXIT_BAD_INPUT = 2
