@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from omegaconf import OmegaConf
+from hydra import compose, initialize_config_dir
 
 from codeq import data
 from codeq.data import Augmentation, DataModule, Split, crop_and_flip
@@ -481,10 +481,11 @@ def test_bad_real_dataset_arguments_fail_before_reading(tmp_path, factory, kwarg
 
 
 def dataset_config(name: str):
-    cfg = OmegaConf.create(
-        {"seed": 7, "paths": {"data_dir": "/nonexistent/data"}, "dataset": OmegaConf.load(CONF / f"{name}.yaml")}
-    )
-    return cfg
+    """The dataset group as Hydra composes it (its shared keys come from conf/dataset/base through defaults)."""
+    with initialize_config_dir(config_dir=str(CONF.parent), version_base="1.3"):
+        return compose(
+            config_name="config", overrides=[f"dataset={name}", "seed=7", "paths.data_dir=/nonexistent/data"]
+        )
 
 
 @pytest.mark.parametrize("name", ["cifar10", "cifar100", "fashion_mnist", "synthetic"])
